@@ -1,0 +1,33 @@
+# Two entry points (README quick start): `make demo` and `make test`. Both create .venv when missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+.PHONY: install demo test compare bench clean
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m srpo_jax.main --config=configs/tiny.py
+
+compare: $(STAMP)
+	$(BIN)/python -m srpo_jax.compare --config=configs/tiny.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/loss_memory.py
+	$(BIN)/python bench/sampler.py
+
+clean:
+	rm -rf $(VENV) runs
