@@ -1,0 +1,73 @@
+"""The rollout-engine interface shared by the in-process JAX sampler and the SGLang client.
+
+An engine turns prompts (token ids) into sampled responses with the sampler's own per-token log-probs, which the
+trainer needs for the truncated rollout importance weights (spec: `w_roll = min(exp(logp_old - logp_roll), 2)`).
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How to sample. `top_k <= 0` and `top_p >= 1` switch those filters off; `temperature == 0` is greedy."""
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  stop_token_ids: tuple[int, ...] = ()
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.max_new_tokens <= 0:
+      raise ValueError(f"SamplingParams.max_new_tokens must be > 0, got {self.max_new_tokens}")
+    if self.temperature < 0:
+      raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+
+@dataclasses.dataclass
+class Completion:
+  """One sampled response.
+
+  token_ids: [T] response tokens, including the stop token when finish_reason == "stop".
+  logprobs:  [T] float32 log-prob of each sampled token under the distribution it was drawn from
+             (temperature / top-k / top-p applied; at temperature 1 with no filters, the model's own).
+  """
+  token_ids: np.ndarray
+  logprobs: np.ndarray
+  finish_reason: FinishReason
+  weight_version: int = 0
+
+
+class RolloutEngine(abc.ABC):
+  """generate() -> per prompt, `n` Completions; update_weights() after every training step; close()."""
+
+  @abc.abstractmethod
+  def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams,
+               n: int = 1) -> list[list[Completion]]:
+    """Returns `len(prompt_token_ids)` lists of `n` completions each, in prompt order."""
+
+  @abc.abstractmethod
+  def update_weights(self, params: Any, version: int) -> None:
+    """Makes the engine sample from `params` (the trainer's current weights), tagged `version`."""
+
+  def close(self) -> None:
+    """Releases processes / devices. Idempotent."""
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
