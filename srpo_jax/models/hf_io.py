@@ -1,0 +1,229 @@
+"""HF checkpoint directories <-> the Flax NNX Qwen3.
+
+Load reads tensor by tensor (safetensors memory-maps each file), converts one tensor to our layout, places it
+(with its NamedSharding when a mesh is given) and drops the host copy before reading the next, so the host never
+holds a second full copy of the model. Export writes config.json, safetensors shards with an index, and the tokenizer
+files when given, into a temporary directory that is renamed into place (a reader — SGLang's refit — never sees a
+half-written checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from srpo_jax.models.qwen3 import Qwen3, Qwen3Config, as_dtype
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Name and layout table. HF Linear weights are [out, in]; ours are [in, out] with heads split out.
+# ---------------------------------------------------------------------------------------------------------------------
+def _to_ours(kind: str, x: np.ndarray, cfg: Qwen3Config) -> np.ndarray:
+  h = cfg.head_dim
+  if kind in ("same",):
+    return x
+  if kind == "linear":  # [out, in] -> [in, out]
+    return x.T
+  if kind == "in_heads":  # [heads*H, D] -> [D, heads, H]
+    return x.reshape(-1, h, x.shape[-1]).transpose(2, 0, 1)
+  if kind == "out_heads":  # [D, N*H] -> [N, H, D]
+    return x.T.reshape(-1, h, x.shape[0])
+  if kind == "bias_heads":  # [heads*H] -> [heads, H]
+    return x.reshape(-1, h)
+  raise AssertionError(kind)
+
+
+def _to_hf(kind: str, x: np.ndarray) -> np.ndarray:
+  if kind == "same":
+    return x
+  if kind == "linear":
+    return x.T
+  if kind == "in_heads":  # [D, heads, H] -> [heads*H, D]
+    return x.transpose(1, 2, 0).reshape(-1, x.shape[0])
+  if kind == "out_heads":  # [N, H, D] -> [D, N*H]
+    return x.reshape(-1, x.shape[-1]).T
+  if kind == "bias_heads":
+    return x.reshape(-1)
+  raise AssertionError(kind)
+
+
+def param_table(cfg: Qwen3Config) -> Iterator[tuple[tuple[Any, ...], str, str]]:
+  """(our attribute path, HF tensor name, layout kind) for every parameter of `Qwen3(cfg)`."""
+  yield ("embed",), "model.embed_tokens.weight", "same"
+  for i in range(cfg.num_hidden_layers):
+    p = f"model.layers.{i}."
+    for ours, hf in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj")):
+      yield ("layers", i, "attn", ours), f"{p}self_attn.{hf}.weight", "in_heads"
+      if cfg.attention_bias:
+        yield ("layers", i, "attn", f"{ours}_bias"), f"{p}self_attn.{hf}.bias", "bias_heads"
+    yield ("layers", i, "attn", "o"), f"{p}self_attn.o_proj.weight", "out_heads"
+    yield ("layers", i, "attn", "q_norm", "scale"), f"{p}self_attn.q_norm.weight", "same"
+    yield ("layers", i, "attn", "k_norm", "scale"), f"{p}self_attn.k_norm.weight", "same"
+    yield ("layers", i, "mlp", "gate"), f"{p}mlp.gate_proj.weight", "linear"
+    yield ("layers", i, "mlp", "up"), f"{p}mlp.up_proj.weight", "linear"
+    yield ("layers", i, "mlp", "down"), f"{p}mlp.down_proj.weight", "linear"
+    yield ("layers", i, "input_norm", "scale"), f"{p}input_layernorm.weight", "same"
+    yield ("layers", i, "post_attn_norm", "scale"), f"{p}post_attention_layernorm.weight", "same"
+  yield ("final_norm", "scale"), "model.norm.weight", "same"
+  if not cfg.tie_word_embeddings:
+    yield ("lm_head",), "lm_head.weight", "linear"
+
+
+def _variable(model: nnx.Module, path: tuple[Any, ...]) -> nnx.Variable:
+  node = model
+  for key in path:
+    node = node[key] if isinstance(key, int) else getattr(node, key)
+  return node
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------------------------------------------------
+class _TensorIndex:
+  """Tensor name -> file, for a single-file or an index-sharded checkpoint; opens each file once, lazily."""
+
+  def __init__(self, path: str):
+    self.path = path
+    index_path, single = os.path.join(path, INDEX_FILE), os.path.join(path, SINGLE_FILE)
+    if os.path.isfile(index_path):
+      with open(index_path) as f:
+        self.where = dict(json.load(f)["weight_map"])
+      self.source = index_path
+    elif os.path.isfile(single):
+      with safe_open(single, framework="numpy") as f:
+        self.where = {k: SINGLE_FILE for k in f.keys()}
+      self.source = single
+    else:
+      raise FileNotFoundError(f"checkpoint directory {path!r} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+    self._open: dict[str, Any] = {}
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self.where:
+      raise KeyError(f"tensor {name!r} is missing from checkpoint {self.source!r}")
+    fname = self.where[name]
+    if fname not in self._open:
+      fpath = os.path.join(self.path, fname)
+      if not os.path.isfile(fpath):
+        raise FileNotFoundError(f"{self.source!r} maps tensor {name!r} to {fname!r}, which does not exist")
+      self._open[fname] = safe_open(fpath, framework="numpy")
+    return self._open[fname].get_tensor(name)
+
+  def close(self):
+    self._open.clear()
+
+
+def load_pretrained(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
+                    **config_overrides) -> Qwen3:
+  """Loads an HF Qwen3 directory. `dtype` sets both parameter and compute dtype (default: the checkpoint's)."""
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
+  overrides = dict(config_overrides)
+  if dtype is not None:
+    overrides.setdefault("param_dtype", str(as_dtype(dtype)))
+    overrides.setdefault("dtype", str(as_dtype(dtype)))
+  cfg = Qwen3Config.from_dir(path, **overrides)
+  # Build the module without allocating weights, then fill each Variable from the file.
+  model = nnx.eval_shape(lambda: Qwen3(cfg, rngs=nnx.Rngs(0)))
+  shardings = None
+  if mesh is not None:
+    from srpo_jax import sharding as shd
+    shardings = shd
+  index = _TensorIndex(path)
+  try:
+    for attr_path, hf_name, kind in param_table(cfg):
+      var = _variable(model, attr_path)
+      expected = var.get_value()
+      x = _to_ours(kind, index.get(hf_name), cfg)
+      if tuple(x.shape) != tuple(expected.shape):
+        raise ValueError(f"tensor {hf_name!r} in {index.source!r} has shape {tuple(index.get(hf_name).shape)}, "
+                         f"which does not fit config.json (expected {tuple(_to_hf(kind, np.empty(expected.shape)).shape)})")
+      if shardings is not None:
+        spec = shardings.logical_to_spec(var.get_metadata().get("logical_axes"), x.shape, mesh)
+        value = jax.device_put(x.astype(expected.dtype), jax.sharding.NamedSharding(mesh, spec))
+      else:
+        value = jnp.asarray(x, dtype=expected.dtype)
+      var.set_value(value)
+      del x
+  finally:
+    index.close()
+  return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------------------------------
+def save_pretrained(model: Qwen3, path: str | os.PathLike, tokenizer=None, *, dtype: str | None = None,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+  """Writes `model` as an HF directory (config.json, sharded safetensors + index, tokenizer files if given)."""
+  return export_state(model.config, lambda p: _variable(model, p).get_value(), path, tokenizer=tokenizer,
+                      dtype=dtype, max_shard_bytes=max_shard_bytes)
+
+
+def export_state(cfg: Qwen3Config, get: Callable[[tuple], jax.Array], path: str | os.PathLike, *, tokenizer=None,
+                 dtype: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+  """Export from any accessor `get(attr_path) -> array` (a model, or a params pytree the trainer holds)."""
+  path = os.path.abspath(os.fspath(path))
+  out_dtype = as_dtype(dtype or cfg.param_dtype)
+  table = list(param_table(cfg))
+  # Plan the shards from shapes alone, then materialise one shard's tensors at a time.
+  shards, cur, cur_bytes = [], [], 0
+  for entry in table:
+    nbytes = int(np.prod(get(entry[0]).shape)) * out_dtype.itemsize
+    if cur and cur_bytes + nbytes > max_shard_bytes:
+      shards.append(cur)
+      cur, cur_bytes = [], 0
+    cur.append(entry)
+    cur_bytes += nbytes
+  shards.append(cur)
+
+  parent = os.path.dirname(path) or "."
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+  try:
+    weight_map, total = {}, 0
+    for si, shard in enumerate(shards):
+      fname = f"model-{si + 1:05d}-of-{len(shards):05d}.safetensors"
+      tensors = {}
+      for attr_path, hf_name, kind in shard:
+        x = np.asarray(jax.device_get(get(attr_path))).astype(out_dtype)
+        tensors[hf_name] = np.ascontiguousarray(_to_hf(kind, x))
+        weight_map[hf_name] = fname
+        total += tensors[hf_name].nbytes
+      save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+      del tensors
+    with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    hf_cfg = cfg.to_hf_dict()
+    hf_cfg["dtype"] = hf_cfg["torch_dtype"] = str(out_dtype)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf_cfg, f, indent=2)
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+      json.dump({"bos_token_id": cfg.bos_token_id, "eos_token_id": [cfg.eos_token_id, cfg.bos_token_id],
+                 "pad_token_id": cfg.bos_token_id}, f, indent=2)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(tmp)
+    if os.path.exists(path):
+      old = tempfile.mkdtemp(prefix=".tmp-old-", dir=parent)
+      os.rename(path, os.path.join(old, "x"))
+      os.rename(tmp, path)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return path

@@ -1,0 +1,384 @@
+"""Qwen3 (dense) in Flax NNX.
+
+Dimension letters, used in einsums, shapes and suffixes throughout srpo_jax:
+  B batch, T query length, S key/cache length, D model width, N query heads, K key/value heads,
+  G query heads per kv head (N = K*G), H head dim, F MLP width, V vocabulary, L layers.
+
+Architecture (matches transformers' `Qwen3ForCausalLM`): token embedding; per layer RMSNorm → GQA attention with
+per-head RMSNorm on q and k *before* rotate-half RoPE → residual → RMSNorm → SwiGLU MLP → residual; final RMSNorm;
+tied or untied LM head. Parameters carry `logical_axes` metadata that `srpo_jax.sharding` maps to mesh axes.
+
+Positions are explicit: left padding works because each token's position is its index among the valid tokens of its
+row (`positions_from_mask`). The KV cache is static-size: prefill writes the prompt at slots [0, T), each decode step
+writes one slot, and attention only reads valid slots at or before the query's slot.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(name_or_dtype) -> jnp.dtype:
+  if isinstance(name_or_dtype, str):
+    if name_or_dtype not in _DTYPES:
+      raise ValueError(f"unsupported dtype {name_or_dtype!r}; expected one of {sorted(_DTYPES)}")
+    return jnp.dtype(_DTYPES[name_or_dtype])
+  return jnp.dtype(name_or_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+  """Architecture + numerics. Field names follow HF's config.json where one exists."""
+  vocab_size: int = 151936
+  hidden_size: int = 1024
+  intermediate_size: int = 3072
+  num_hidden_layers: int = 28
+  num_attention_heads: int = 16
+  num_key_value_heads: int = 8
+  head_dim: int = 128
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 1_000_000.0
+  tie_word_embeddings: bool = True
+  attention_bias: bool = False
+  max_position_embeddings: int = 40960
+  bos_token_id: int = 151643
+  eos_token_id: int = 151645
+  # Numerics (not HF fields): parameter storage dtype, and the dtype activations/matmuls run in.
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(f"Qwen3Config: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                       f"num_key_value_heads={self.num_key_value_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"Qwen3Config: head_dim={self.head_dim} must be even for rotate-half RoPE")
+    as_dtype(self.param_dtype), as_dtype(self.dtype)
+
+  # -- HF config.json ------------------------------------------------------------------------------------------------
+  @classmethod
+  def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides) -> "Qwen3Config":
+    """Reads an HF Qwen3 config dict; rejects what this implementation does not compute (MoE, sliding window)."""
+    arch = d.get("architectures") or []
+    model_type = d.get("model_type")
+    if model_type != "qwen3" and "Qwen3ForCausalLM" not in arch:
+      raise ValueError(f"{source}: unsupported architecture model_type={model_type!r} architectures={arch!r}; "
+                       "srpo_jax implements dense Qwen3 (model_type 'qwen3', Qwen3ForCausalLM)")
+    for moe_key in ("num_experts", "num_local_experts", "moe_intermediate_size"):
+      if d.get(moe_key):
+        raise ValueError(f"{source}: field {moe_key}={d[moe_key]!r} means a mixture-of-experts model; "
+                         "only dense Qwen3 is supported")
+    if d.get("use_sliding_window"):
+      raise ValueError(f"{source}: field use_sliding_window=true is not supported (Qwen3 dense uses full attention)")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in (None, "default"):
+      raise ValueError(f"{source}: field rope_parameters.rope_type={rope_type!r} is not supported (only 'default')")
+    # transformers 5 moved rope_theta under rope_parameters; older files keep it at the top level.
+    rope_theta = rope.get("rope_theta", d.get("rope_theta", 1_000_000.0))
+    num_heads = d["num_attention_heads"]
+    kw = dict(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"], num_attention_heads=num_heads,
+        num_key_value_heads=d.get("num_key_value_heads", num_heads),
+        head_dim=d.get("head_dim") or d["hidden_size"] // num_heads, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta), tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        attention_bias=bool(d.get("attention_bias", False)),
+        max_position_embeddings=d.get("max_position_embeddings", 40960),
+        bos_token_id=d.get("bos_token_id", 151643) or 151643, eos_token_id=_first(d.get("eos_token_id", 151645)),
+        param_dtype=_hf_dtype_name(d.get("dtype", d.get("torch_dtype", "float32"))),
+    )
+    kw["dtype"] = kw["param_dtype"]
+    kw.update(overrides)
+    return cls(**kw)
+
+  @classmethod
+  def from_dir(cls, path: str | os.PathLike, **overrides) -> "Qwen3Config":
+    cfg_path = os.path.join(os.fspath(path), "config.json")
+    if not os.path.isfile(cfg_path):
+      raise FileNotFoundError(f"no config.json in checkpoint directory {os.fspath(path)!r}")
+    with open(cfg_path) as f:
+      return cls.from_hf_dict(json.load(f), source=cfg_path, **overrides)
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """An HF config.json that transformers 5 and SGLang load as Qwen3ForCausalLM."""
+    return {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+        "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
+        "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+        "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+        "rope_theta": self.rope_theta, "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+        "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+        "attention_dropout": 0.0, "max_position_embeddings": self.max_position_embeddings,
+        "use_sliding_window": False, "sliding_window": None, "max_window_layers": self.num_hidden_layers,
+        "initializer_range": 0.02, "use_cache": True, "bos_token_id": self.bos_token_id,
+        "eos_token_id": self.eos_token_id, "dtype": self.param_dtype, "torch_dtype": self.param_dtype,
+    }
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> "Qwen3Config":
+    """Published Qwen3 dense shapes (HF config.json of Qwen/Qwen3-*), plus `tiny` for CPU tests and the demo."""
+    if name not in PRESETS:
+      raise ValueError(f"unknown Qwen3 preset {name!r}; expected one of {sorted(PRESETS)}")
+    return dataclasses.replace(cls(), **{**PRESETS[name], **overrides})
+
+  @property
+  def num_groups(self) -> int:
+    return self.num_attention_heads // self.num_key_value_heads
+
+
+def _first(x):
+  return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def _hf_dtype_name(x) -> str:
+  x = str(x).replace("torch.", "")
+  return {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}.get(x, "float32")
+
+
+# vocab_size 151936 for all; tie_word_embeddings true for 0.6B/1.7B/4B (HF config.json of each model).
+PRESETS: dict[str, dict[str, Any]] = {
+    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, tie_word_embeddings=True),
+    "1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, tie_word_embeddings=True),
+    "4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=False),
+    "14b": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=8, tie_word_embeddings=False),
+    "32b": dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
+                num_key_value_heads=8, tie_word_embeddings=False),
+    # The embedded CPU default: real vocabulary, everything else tiny.
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, max_position_embeddings=4096),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class KVCache:
+  """Static-size cache. k, v: [L, B, S, K, H]; valid: [B, S] (slot holds a real, non-padding token)."""
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
+def positions_from_mask(attention_mask_BT: jax.Array) -> jax.Array:
+  """Position of each token among the valid tokens of its row; padding gets 0.
+
+  Left padding [0 0 1 1 1] → [0 0 0 1 2]; right padding [1 1 1 0 0] → [0 1 2 0 0] (padding rows carry no loss).
+  """
+  m = attention_mask_BT.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0) * m
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------------------------------
+def _param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None) -> nnx.Param:
+  value = jnp.ones(shape, dtype) if std is None else (std * jax.random.normal(rngs.params(), shape)).astype(dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, *, param_dtype, axis: str, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = _param(rngs, (dim,), (axis,), param_dtype, None)
+
+  def __call__(self, x):
+    # Normalise in float32 whatever the compute dtype (as HF does), then scale in the input dtype.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+  """Rotate-half rotary embedding (HF `apply_rotary_pos_emb`); angles computed in float32."""
+  h = x_BTNH.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+  cos, sin = jnp.cos(angles).astype(x_BTNH.dtype), jnp.sin(angles).astype(x_BTNH.dtype)
+  x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
+  return x_BTNH * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+    d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    pd, std = as_dtype(cfg.param_dtype), 0.02
+    self.num_groups, self.head_dim, self.rope_theta = cfg.num_groups, h, cfg.rope_theta
+    self.dtype = as_dtype(cfg.dtype)
+    self.q = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), pd, std)
+    self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std)
+    self.v = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std)
+    self.o = _param(rngs, (n, h, d), ("q_heads", "head_dim", "embed"), pd, std)
+    if cfg.attention_bias:
+      self.q_bias = nnx.Param(jnp.zeros((n, h), pd), logical_axes=("q_heads", "head_dim"))
+      self.k_bias = nnx.Param(jnp.zeros((k, h), pd), logical_axes=("kv_heads", "head_dim"))
+      self.v_bias = nnx.Param(jnp.zeros((k, h), pd), logical_axes=("kv_heads", "head_dim"))
+    else:
+      self.q_bias = self.k_bias = self.v_bias = None
+    self.q_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim", rngs=rngs)
+    self.k_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim", rngs=rngs)
+
+  def _proj(self, x, w, b):
+    y = jnp.einsum("BTD,DNH->BTNH", x, w[...].astype(self.dtype))
+    return y if b is None else y + b[...].astype(self.dtype)
+
+  def __call__(self, x_BTD, positions_BT, mask_BTS, kv_cache=None):
+    """kv_cache: None, or (k_BSKH, v_BSKH, write_index) — the new k/v are written at slots write_index + [0, T)."""
+    q = rope(self.q_norm(self._proj(x_BTD, self.q, self.q_bias)), positions_BT, self.rope_theta)
+    k = rope(self.k_norm(self._proj(x_BTD, self.k, self.k_bias)), positions_BT, self.rope_theta)
+    v = self._proj(x_BTD, self.v, self.v_bias)
+    if kv_cache is not None:
+      k_cache, v_cache, index = kv_cache
+      k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+      v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+    b, t, n, h = q.shape
+    q = q.reshape(b, t, n // self.num_groups, self.num_groups, h)  # [B, T, K, G, H]
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype)).astype(jnp.float32) * h ** -0.5
+    # A finite fill (not -inf) keeps fully-masked rows (left-padding queries) NaN-free; they carry no loss.
+    scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(self.dtype)).reshape(b, t, n, h)
+    y = jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(self.dtype))
+    return y, (k, v)
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+    d, f, pd = cfg.hidden_size, cfg.intermediate_size, as_dtype(cfg.param_dtype)
+    self.dtype = as_dtype(cfg.dtype)
+    self.gate = _param(rngs, (d, f), ("embed", "mlp"), pd, 0.02)
+    self.up = _param(rngs, (d, f), ("embed", "mlp"), pd, 0.02)
+    self.down = _param(rngs, (f, d), ("mlp", "embed"), pd, 0.02)
+
+  def __call__(self, x_BTD):
+    dt = self.dtype
+    g = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate[...].astype(dt))
+    u = jnp.einsum("BTD,DF->BTF", x_BTD, self.up[...].astype(dt))
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(g) * u, self.down[...].astype(dt))
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+    pd = as_dtype(cfg.param_dtype)
+    self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, axis="norm", rngs=rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, axis="norm", rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x_BTD, positions_BT, mask_BTS, kv_cache=None):
+    a, new_kv = self.attn(self.input_norm(x_BTD), positions_BT, mask_BTS, kv_cache)
+    x_BTD = x_BTD + a
+    return x_BTD + self.mlp(self.post_attn_norm(x_BTD)), new_kv
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+class Qwen3(nnx.Module):
+  """Qwen3ForCausalLM. `model(input_ids, attention_mask=None, positions=None)` → float32 logits [B, T, V]."""
+
+  def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+    self.config = cfg
+    pd = as_dtype(cfg.param_dtype)
+    self.dtype = as_dtype(cfg.dtype)
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd, 0.02)
+    self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+    self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, axis="norm", rngs=rngs)
+    self.lm_head = None if cfg.tie_word_embeddings else _param(
+        rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, 0.02)
+
+  # -- pieces the trainer uses directly (the fused head needs hidden states and the head weight) ----------------------
+  def head_weight(self) -> jax.Array:
+    """The LM-head matrix as [D, V] (the transposed embedding when tied)."""
+    return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+
+  def logits(self, hidden_BTD: jax.Array) -> jax.Array:
+    """Float32 logits from final hidden states (matmul in the compute dtype, accumulated in float32)."""
+    return jnp.einsum("BTD,DV->BTV", hidden_BTD, self.head_weight().astype(hidden_BTD.dtype),
+                      preferred_element_type=jnp.float32)
+
+  def hidden_states(self, input_ids_BT, attention_mask_BT=None, positions_BT=None):
+    """Final-normed hidden states [B, T, D] in the compute dtype (full causal + padding mask, no cache)."""
+    b, t = input_ids_BT.shape
+    if attention_mask_BT is None:
+      attention_mask_BT = jnp.ones((b, t), jnp.bool_)
+    attention_mask_BT = attention_mask_BT.astype(jnp.bool_)
+    if positions_BT is None:
+      positions_BT = positions_from_mask(attention_mask_BT)
+    causal_TS = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    mask_BTS = causal_TS[None] & attention_mask_BT[:, None, :]
+    h, _ = self._run_layers(input_ids_BT, positions_BT, mask_BTS, None, 0)
+    return h
+
+  def __call__(self, input_ids, attention_mask=None, positions=None):
+    return self.logits(self.hidden_states(input_ids, attention_mask, positions))
+
+  # -- KV-cache path (sampler) ----------------------------------------------------------------------------------------
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+    c = self.config
+    shape = (c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim)
+    dt = self.dtype if dtype is None else as_dtype(dtype)
+    return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt), valid=jnp.zeros((batch, max_len), jnp.bool_))
+
+  def forward_with_cache(self, input_ids_BT, positions_BT, attention_mask_BT, cache: KVCache, index):
+    """Runs T new tokens written at cache slots [index, index + T); returns (hidden [B, T, D], updated cache).
+
+    Prefill: index 0, the left-padded prompt. Decode: T = 1 at index = prompt length + steps so far. Query t sits at
+    slot index + t and attends to valid slots s <= index + t.
+    """
+    b, t = input_ids_BT.shape
+    valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask_BT.astype(jnp.bool_), (0, index))
+    slots_S = jnp.arange(cache.max_len)
+    q_slots_T = index + jnp.arange(t)
+    mask_BTS = (slots_S[None, :] <= q_slots_T[:, None])[None] & valid[:, None, :]
+    h, (ks, vs) = self._run_layers(input_ids_BT, positions_BT, mask_BTS, cache, index)
+    return h, KVCache(k=ks, v=vs, valid=valid)
+
+  def _run_layers(self, input_ids_BT, positions_BT, mask_BTS, cache, index):
+    x = jnp.take(self.embed[...], input_ids_BT, axis=0).astype(self.dtype)
+    ks, vs = [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (cache.k[i], cache.v[i], index)
+      if self.config.remat and cache is None:
+        # Rematerialise each layer in the backward pass: activations of one layer at a time (training path only).
+        x, new_kv = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, positions_BT, mask_BTS)
+      else:
+        x, new_kv = layer(x, positions_BT, mask_BTS, kv)
+      ks.append(new_kv[0])
+      vs.append(new_kv[1])
+    h = self.final_norm(x)
+    if cache is None:
+      return h, (None, None)
+    return h, (jnp.stack(ks), jnp.stack(vs))
+
+
+def init_model(cfg: Qwen3Config, seed: int = 0) -> Qwen3:
+  """A randomly initialised model (normal(0, 0.02) weights, unit norms), as HF's `_init_weights` does."""
+  return Qwen3(cfg, rngs=nnx.Rngs(params=seed))
