@@ -1,0 +1,202 @@
+"""A FAKE SGLang server for CONTRACT tests of `srpo_jax.rollout.sglang_engine`. It is not SGLang.
+
+It speaks the subset of SGLang's native HTTP API that `SGLangEngine` uses, with the request / response shapes of
+SGLang's `http_server.py` / `io_struct.py` (as read from the SGLang sources; see the engine's module docstring):
+  GET  /health, /health_generate      200 when "loaded", 503 before
+  POST /generate                      batched `input_ids`, per-item `sampling_params`, `return_logprob`
+  POST /update_weights_from_disk      {"model_path", "weight_version"} -> {"success", "message", ...}
+  GET  /get_model_info                {"model_path", "weight_version", ...} plus fake_* debugging fields
+  GET|POST /flush_cache
+Tokens are fake and deterministic given (prompt, sampling_seed): see `fake_generate`. Passing these tests shows the
+engine honours this contract; it does not show that real SGLang answers the same way.
+
+Launched like `sglang.launch_server` (`--model-path --host --port --weight-version`, unknown flags ignored), plus
+failure switches:
+  --fake-die-after N          os._exit(1) on receiving the N-th /generate request (a crash mid-batch)
+  --fake-die-once-marker F    ...only if file F does not exist yet (it is created before dying), so a restart lives
+  --fake-never-healthy        health endpoints always answer 503
+  --fake-startup-delay S      health answers 503 for the first S seconds (a model that loads)
+  --fake-slow S               every /generate sleeps S seconds before answering
+  --fake-ignore-version-updates  /update_weights_from_disk succeeds but keeps the old weight_version (stale weights)
+  --fake-spawn-child          starts a sleeping child process (like SGLang's scheduler) in the server's group
+  --fake-vocab V              fake vocabulary size (default 32)
+"""
+from __future__ import annotations
+
+import argparse
+import http.server
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+
+def fake_generate(prompt: list[int], params: dict[str, Any], vocab: int, salt: int) -> dict[str, Any]:
+  """SGLang-shaped output for one prompt: tokens drawn from a RNG seeded by (prompt, sampling_seed or salt).
+
+  Stops at the first token in `stop_token_ids` (finish_reason {"type": "stop", "matched": id}) or after
+  `max_new_tokens` tokens ({"type": "length", "length": n}). Logprobs are log of a fake probability, so <= 0.
+  Unless `no_stop_trim`, the matched stop token is trimmed from `output_ids` (not from the logprobs), as SGLang's
+  detokenizer does for text.
+  """
+  seed = params.get("sampling_seed")
+  rng = random.Random(f"{prompt}|{seed if seed is not None else f'salt{salt}'}")
+  stop_ids = set(params.get("stop_token_ids") or ())
+  max_new = int(params.get("max_new_tokens", 128))
+  tokens, logprobs, reason = [], [], {"type": "length", "length": max_new}
+  for _ in range(max_new):
+    tok = rng.randrange(vocab)
+    tokens.append(tok)
+    logprobs.append(math.log(rng.uniform(0.01, 1.0)))
+    if tok in stop_ids:
+      reason = {"type": "stop", "matched": tok}
+      break
+  output_ids = list(tokens)
+  if reason["type"] == "stop" and not params.get("no_stop_trim", False):
+    output_ids = output_ids[:-1]
+  return {"output_ids": output_ids, "logprobs": logprobs, "tokens": tokens, "finish_reason": reason}
+
+
+class FakeState:
+  def __init__(self, args: argparse.Namespace):
+    self.args = args
+    self.model_path = args.model_path
+    self.weight_version = args.weight_version
+    self.started = time.monotonic()
+    self.lock = threading.Lock()
+    self.generate_requests = 0
+    self.salt = 0
+    self.child: subprocess.Popen | None = None
+
+  def healthy(self) -> bool:
+    return not self.args.fake_never_healthy and time.monotonic() - self.started >= self.args.fake_startup_delay
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+  state: FakeState  # Set on the class by main().
+  protocol_version = "HTTP/1.1"
+
+  def log_message(self, fmt, *args):  # Into the server log (stderr), like SGLang's access log.
+    sys.stderr.write("fake-sglang: " + (fmt % args) + "\n")
+
+  def _send(self, status: int, payload: Any) -> None:
+    raw = json.dumps(payload).encode() if not isinstance(payload, bytes) else payload
+    self.send_response(status)
+    self.send_header("Content-Type", "application/json")
+    self.send_header("Content-Length", str(len(raw)))
+    self.end_headers()
+    self.wfile.write(raw)
+
+  def _body(self) -> Any:
+    n = int(self.headers.get("Content-Length") or 0)
+    return json.loads(self.rfile.read(n)) if n else None
+
+  def do_GET(self):
+    st = self.state
+    if self.path in ("/health", "/health_generate"):
+      self._send(200 if st.healthy() else 503, b"")
+    elif self.path == "/get_model_info":
+      self._send(200, {"model_path": st.model_path, "tokenizer_path": st.model_path, "is_generation": True,
+                       "weight_version": st.weight_version, "fake_pid": os.getpid(),
+                       "fake_child_pid": st.child.pid if st.child else None,
+                       "fake_generate_requests": st.generate_requests})
+    elif self.path == "/flush_cache":
+      self._send(200, b"Cache flushed.\n")
+    else:
+      self._send(404, {"detail": "Not Found"})
+
+  def do_POST(self):
+    st = self.state
+    body = self._body()
+    if self.path == "/generate":
+      self._generate(body)
+    elif self.path == "/update_weights_from_disk":
+      path = body.get("model_path", "")
+      if not os.path.isdir(path):
+        self._send(400, {"success": False, "message": f"model_path {path!r} is not a directory",
+                         "num_paused_requests": 0})
+        return
+      st.model_path = path
+      if body.get("weight_version") is not None and not st.args.fake_ignore_version_updates:
+        st.weight_version = str(body["weight_version"])
+      self._send(200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0})
+    elif self.path == "/flush_cache":
+      self._send(200, b"Cache flushed.\n")
+    else:
+      self._send(404, {"detail": "Not Found"})
+
+  def _generate(self, body: dict[str, Any]) -> None:
+    st = self.state
+    with st.lock:
+      st.generate_requests += 1
+      count = st.generate_requests
+    if st.args.fake_die_after and count >= st.args.fake_die_after:
+      marker = st.args.fake_die_once_marker
+      if not marker or not os.path.exists(marker):
+        if marker:
+          open(marker, "w").close()
+        sys.stderr.write(f"fake-sglang: dying on /generate request #{count}\n")
+        sys.stderr.flush()
+        os._exit(1)
+    if st.args.fake_slow:
+      time.sleep(st.args.fake_slow)
+    input_ids = body["input_ids"]
+    single = bool(input_ids) and isinstance(input_ids[0], int)
+    batch = [input_ids] if single else input_ids
+    params = body.get("sampling_params") or {}
+    params = [params] * len(batch) if isinstance(params, dict) else params
+    if len(params) != len(batch):
+      self._send(400, {"error": {"message": "sampling_params length must equal the batch size"}})
+      return
+    if any(int(p.get("n", 1)) != 1 for p in params):
+      self._send(400, {"error": {"message": "this fake serves n == 1 only (one prompt copy per sample)"}})
+      return
+    outs = []
+    for prompt, p in zip(batch, params):
+      with st.lock:
+        st.salt += 1
+        salt = st.salt
+      g = fake_generate(prompt, p, st.args.fake_vocab, salt)
+      meta = {"id": f"fake-{salt}", "finish_reason": g["finish_reason"], "prompt_tokens": len(prompt),
+              "weight_version": st.weight_version, "completion_tokens": len(g["tokens"]), "cached_tokens": 0}
+      if body.get("return_logprob"):
+        meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(g["logprobs"], g["tokens"])]
+      outs.append({"text": "", "output_ids": g["output_ids"], "meta_info": meta})
+    self._send(200, outs[0] if single else outs)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model-path", required=True)
+  parser.add_argument("--host", default="127.0.0.1")
+  parser.add_argument("--port", type=int, default=30000)
+  parser.add_argument("--weight-version", default="default")
+  parser.add_argument("--fake-die-after", type=int, default=0)
+  parser.add_argument("--fake-die-once-marker", default="")
+  parser.add_argument("--fake-never-healthy", action="store_true")
+  parser.add_argument("--fake-startup-delay", type=float, default=0.0)
+  parser.add_argument("--fake-slow", type=float, default=0.0)
+  parser.add_argument("--fake-ignore-version-updates", action="store_true")
+  parser.add_argument("--fake-spawn-child", action="store_true")
+  parser.add_argument("--fake-vocab", type=int, default=32)
+  args, unknown = parser.parse_known_args(argv)
+  state = FakeState(args)
+  if args.fake_spawn_child:
+    state.child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+  Handler.state = state
+  server = http.server.ThreadingHTTPServer((args.host, args.port), Handler)
+  server.daemon_threads = True
+  sys.stderr.write(f"fake-sglang: pid {os.getpid()} serving {args.model_path} "
+                   f"(weight_version={args.weight_version}) on {args.host}:{args.port}; ignored args {unknown}"
+                   f"{'; never healthy' if args.fake_never_healthy else ''}\n")
+  sys.stderr.flush()
+  server.serve_forever()
+
+
+if __name__ == "__main__":
+  main()
