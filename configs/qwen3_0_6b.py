@@ -1,0 +1,11 @@
+"""Qwen3-0.6B with the paper's hyperparameters (Table 3): a cheap end-to-end check of the GPU path.
+
+Usage: `python -m srpo_jax.main --config=configs/qwen3_0_6b.py:srpo,chemistry --config.model.path=/path/to/Qwen3-0.6B`.
+The parameter is "ALGO[,TASK]"; per-method lr / mini-batch / aggregation follow algo.name.
+"""
+from srpo_jax import config
+
+
+def get_config(param: str = ""):
+  # ~13 GB of fp32 weights + AdamW moments + EMA teacher fits one GPU: pure data parallelism over all devices.
+  return config.paper_config("Qwen3-0.6B", param, mesh={"data": -1, "fsdp": 1, "tensor": 1})

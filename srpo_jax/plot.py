@@ -1,0 +1,132 @@
+"""Training curves of one or more runs in one figure.
+
+    python -m srpo_jax.plot runs/srpo runs/grpo runs/sdpo --out curves.png
+
+Six panels, one line per run (label: the run directory's name, plus its algorithm when summary.json or config.json
+names one that the directory name does not): eval accuracy vs step, eval accuracy vs wall-clock, routing fractions
+(GRPO solid, SDPO dashed, GRPO-fallback dotted), teacher entropy, response length, step time. A panel whose metric
+no run logged says "no data".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from srpo_jax import metrics as M  # noqa: E402
+
+ROUTES = ((M.ROUTE_FRAC_GRPO, "GRPO", "-"), (M.ROUTE_FRAC_SDPO, "SDPO", "--"),
+          (M.ROUTE_FRAC_FALLBACK, "GRPO fallback", ":"))
+# (metric, title, y label) of the per-step panels after the two accuracy panels and the routing panel.
+STEP_PANELS = ((M.TEACHER_ENTROPY_MEAN, "Teacher entropy (SDPO tokens)", "nats"),
+               (M.ROLLOUT_RESPONSE_LEN_MEAN, "Response length", "tokens"),
+               (M.TIME_STEP_S, "Step time", "s"))
+NUM_PANELS = 6
+
+
+def _series(records: Sequence[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
+  """(xs, ys) of the records that carry a finite numeric `key`."""
+  xs, ys = [], []
+  for r in records:
+    v = r.get(key)
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and x in r:
+      xs.append(r[x])
+      ys.append(float(v))
+  return xs, ys
+
+
+def _algo_of(run_dir: str) -> Optional[str]:
+  summary = M.read_summary(run_dir)
+  if isinstance(summary.get("algo"), str):
+    return summary["algo"]
+  path = os.path.join(run_dir, "config.json")
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        return json.load(f).get("algo", {}).get("name")
+    except (json.JSONDecodeError, AttributeError):
+      return None
+  return None
+
+
+def run_label(run_dir: str) -> str:
+  name = os.path.basename(os.path.normpath(run_dir))
+  algo = _algo_of(run_dir)
+  return f"{name} ({algo})" if algo and algo not in name else name
+
+
+def _no_data(ax) -> None:
+  ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray", fontsize=12)
+
+
+def _time_unit(runs: dict[str, list[dict]]) -> tuple[str, float]:
+  """Hours for paper-length runs, minutes for the CPU demo."""
+  t_max = max((r.get("time_s", 0.0) for recs in runs.values() for r in recs), default=0.0)
+  return ("h", 3600.0) if t_max >= 2 * 3600 else ("min", 60.0)
+
+
+def plot_runs(run_dirs: Sequence[str], out: str) -> plt.Figure:
+  """Draws the six panels for `run_dirs` into `out` (PNG/PDF by extension); returns the figure (closed)."""
+  runs = {d: M.read_metrics(d) for d in run_dirs}
+  labels = {d: run_label(d) for d in run_dirs}
+  colors = {d: f"C{i % 10}" for i, d in enumerate(run_dirs)}
+  fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
+  ax_acc, ax_time, ax_route, *ax_rest = axes.ravel()
+
+  def lines(ax, key, x="step", xscale=1.0, style="-", suffix="") -> bool:
+    drawn = False
+    for d, recs in runs.items():
+      xs, ys = _series(recs, key, x)
+      if xs:
+        ax.plot([v / xscale for v in xs], ys, style, color=colors[d], label=labels[d] + suffix,
+                marker="o" if len(xs) < 30 else None, markersize=3)
+        drawn = True
+    return drawn
+
+  ax_acc.set(title="Eval accuracy (avg@n) vs step", xlabel="step", ylabel="accuracy")
+  if not lines(ax_acc, M.EVAL_ACCURACY):
+    _no_data(ax_acc)
+  unit, scale = _time_unit(runs)
+  ax_time.set(title="Eval accuracy vs wall-clock", xlabel=f"training time ({unit})", ylabel="accuracy")
+  if not lines(ax_time, M.EVAL_ACCURACY, x="time_s", xscale=scale):
+    _no_data(ax_time)
+  ax_route.set(title="Routing fractions (— GRPO, -- SDPO, ·· fallback)", xlabel="step",
+               ylabel="fraction of rollouts")
+  drawn = [lines(ax_route, key, style=style, suffix=f" {name}") for key, name, style in ROUTES]
+  if not any(drawn):
+    _no_data(ax_route)
+  for ax, (key, title, ylabel) in zip(ax_rest, STEP_PANELS):
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    if not lines(ax, key):
+      _no_data(ax)
+  for ax in axes.ravel():
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return fig
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
+  parser.add_argument("--out", required=True, help="output image (e.g. curves.png)")
+  args = parser.parse_args(argv)
+  for d in args.run_dirs:
+    if not os.path.exists(os.path.join(d, M.METRICS_FILE)):
+      parser.error(f"{d}: no {M.METRICS_FILE} there")
+  plot_runs(args.run_dirs, args.out)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
