@@ -1,0 +1,47 @@
+"""`python -m srpo_jax.main --config=configs/tiny.py [--config.algo.name=grpo ...]`: train, evaluate, summarise.
+
+Loads the config file locked, applies `--config.a.b=v` overrides, validates once (every error names the field and
+value, before anything compiles), then runs the trainer and prints a summary table and the path of a plot.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from srpo_jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:param]).",
+                                          lock_config=True)
+
+
+def run(cfg: config_lib.Config) -> dict:
+  """Trains one run and returns its summary (also written to run_dir/summary.json) and a plot."""
+  from srpo_jax import metrics, plot, trainer
+  summary = trainer.Trainer(cfg).run()
+  print(metrics.summary_table({cfg.run_dir: summary}))
+  out = os.path.join(cfg.run_dir, "curves.png")
+  plot.plot_runs([cfg.run_dir], out)
+  print(f"plot: {out}")
+  return summary
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config=configs/<name>.py is required (e.g. configs/tiny.py)")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  try:
+    cfg = config_lib.validate(_CONFIG.value)
+  except config_lib.ConfigError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    sys.exit(2)
+  run(cfg)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=config_lib.parse_flags)
