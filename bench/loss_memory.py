@@ -1,0 +1,108 @@
+"""Fused vocab-tiled head vs naive full-logits head: peak memory and time of forward + backward (jit, CPU).
+
+Both compute, per token, the sampled-token log-prob, the student entropy, the student top-k log-probs with tail, the
+teacher log-probs there with tail and the teacher entropy, then the same scalar loss (a GRPO-like term linear in the
+log-prob, the top-k JSD, an entropy term, the teacher entropy as a stop-gradient DW input), and its gradient with
+respect to the student hidden states and the head weight. Peak memory is read from the compiled program
+(`memory_analysis()`: temporaries + arguments + outputs); time is the median of a few runs after a warm-up.
+
+Run: `.venv/bin/python bench/loss_memory.py [--tokens 4096 --vocab 151936 --hidden 1024 --tile 256]`.
+The last two lines are `peak memory ratio fused/naive: <x>` and `time ratio fused/naive: <x>`.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from srpo_jax.algorithms import losses
+from srpo_jax.kernels import fused_head, head_divergence
+
+K = 100
+
+
+def naive_loss(h_ND, w_DV, ht_ND, wt_DV, ids_N, adv_N):
+  """Full `[N, V]` logits for student and teacher."""
+  z_NV = jnp.dot(h_ND, w_DV, preferred_element_type=jnp.float32)
+  zt_NV = jax.lax.stop_gradient(jnp.dot(ht_ND, wt_DV, preferred_element_type=jnp.float32))
+  logp_NV = jax.nn.log_softmax(z_NV)
+  logp_N = jnp.take_along_axis(logp_NV, ids_N[:, None], axis=-1)[:, 0]
+  entropy_N = -jnp.sum(jnp.exp(logp_NV) * logp_NV, axis=-1)
+  tlogp_NV = jax.nn.log_softmax(zt_NV)
+  t_entropy_N = -jnp.sum(jnp.exp(tlogp_NV) * tlogp_NV, axis=-1)
+  jsd_N = losses.topk_jsd(z_NV, zt_NV, k=K)
+  return _combine(logp_N, entropy_N, jsd_N, t_entropy_N, adv_N)
+
+
+def fused_loss(h_ND, w_DV, ht_ND, wt_DV, ids_N, adv_N, tile):
+  out = fused_head(h_ND, w_DV, ids_N, ht_ND, teacher_head_weight_DV=wt_DV, k=K, tile_size=tile)
+  return _combine(out.logp_N, out.entropy_N, head_divergence(out), out.teacher_entropy_N, adv_N)
+
+
+def _combine(logp_N, entropy_N, jsd_N, t_entropy_N, adv_N):
+  dw_N = jax.lax.stop_gradient(jnp.exp(-t_entropy_N))
+  return jnp.mean(-adv_N * logp_N) + jnp.mean(dw_N * jsd_N) + 1e-3 * jnp.mean(entropy_N)
+
+
+def measure(fn, args, runs):
+  """(peak bytes from the compiled program, median seconds, compiled fn)."""
+  jitted = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+  compiled = jitted.lower(*args).compile()
+  mem = compiled.memory_analysis()
+  peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+  jax.block_until_ready(compiled(*args))  # warm-up
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return peak, statistics.median(times), compiled(*args)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--tokens", type=int, default=4096)
+  parser.add_argument("--vocab", type=int, default=151936)
+  parser.add_argument("--hidden", type=int, default=1024)
+  parser.add_argument("--tile", type=int, default=None, help="token tile (default: the library default)")
+  parser.add_argument("--runs", type=int, default=3)
+  parser.add_argument("--memory_only", action="store_true", help="compile and report memory, do not run")
+  args = parser.parse_args()
+  from srpo_jax.kernels import DEFAULT_TILE_SIZE
+  tile = args.tile or DEFAULT_TILE_SIZE
+  keys = jax.random.split(jax.random.key(0), 6)
+  n, d, v = args.tokens, args.hidden, args.vocab
+  inputs = (jax.random.normal(keys[0], (n, d)), jax.random.normal(keys[1], (d, v)) * d ** -0.5,
+            jax.random.normal(keys[2], (n, d)), jax.random.normal(keys[3], (d, v)) * d ** -0.5,
+            jax.random.randint(keys[4], (n,), 0, v), jax.random.normal(keys[5], (n,)))
+  fused = lambda *a: fused_loss(*a, tile)
+  rows = []
+  results = {}
+  for name, fn in (("naive", naive_loss), ("fused", fused)):
+    if args.memory_only:
+      compiled = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(*inputs).compile()
+      mem = compiled.memory_analysis()
+      peak, secs, res = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes, float("nan"), None
+    else:
+      peak, secs, res = measure(fn, inputs, args.runs)
+    results[name] = (peak, secs, res)
+    rows.append(f"| {name:5s} | {peak / 2**20:12.1f} | {secs:9.3f} |")
+  print(f"tokens={n} vocab={v} hidden={d} k={K} tile={tile} backend={jax.default_backend()} "
+        f"devices={jax.device_count()}")
+  print("| head  | peak MiB     | median s  |")
+  print("|-------|--------------|-----------|")
+  print("\n".join(rows))
+  if not args.memory_only:
+    (lv_n, (gh_n, gw_n)), (lv_f, (gh_f, gw_f)) = results["naive"][2], results["fused"][2]
+    rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-30))
+    print(f"loss naive {float(lv_n):.6f} fused {float(lv_f):.6f}; max rel grad diff hidden {rel(gh_f, gh_n):.2e} "
+          f"weight {rel(gw_f, gw_n):.2e}")
+  print(f"peak memory ratio fused/naive: {results['fused'][0] / results['naive'][0]:.4f}")
+  print(f"time ratio fused/naive: {results['fused'][1] / results['naive'][1]:.4f}")
+
+
+if __name__ == "__main__":
+  main()

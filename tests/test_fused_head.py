@@ -1,0 +1,132 @@
+"""Fused token-tiled head vs the unfused full-logits path: same statistics, losses and gradients; no [N, V] array."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from srpo_jax.algorithms import losses
+from srpo_jax.kernels import fused_head, fused_topk_jsd, head_divergence
+
+jax.config.update("jax_default_matmul_precision", "highest")
+TOL = 1e-5
+
+
+def _inputs(n=13, d=16, v=300, seed=0):
+  rng = np.random.default_rng(seed)
+  f = lambda *s, scale=1.0: jnp.asarray(scale * rng.normal(size=s), jnp.float32)
+  return dict(h=f(n, d), w=f(d, v, scale=0.5), ht=f(n, d), wt=f(d, v, scale=0.5),
+              ids=jnp.asarray(rng.integers(0, v, n), jnp.int32), c=f(5, n))
+
+
+def _unfused_stats(h, w, ht, wt, ids, k, temperature):
+  """The straightforward full-logits computation (the reference)."""
+  z = (h @ w) / temperature
+  zt = jax.lax.stop_gradient((ht @ wt) / temperature)
+  lp, lpt = jax.nn.log_softmax(z), jax.nn.log_softmax(zt)
+  idx = jax.lax.top_k(z, k)[1]
+  return dict(logp=jnp.take_along_axis(lp, ids[:, None], -1)[:, 0], entropy=-jnp.sum(jnp.exp(lp) * lp, -1),
+              idx=idx, s_topk=jnp.take_along_axis(lp, idx, -1), t_topk=jnp.take_along_axis(lpt, idx, -1),
+              t_entropy=-jnp.sum(jnp.exp(lpt) * lpt, -1))
+
+
+def _fused_stats(h, w, ht, wt, ids, k, temperature, tile):
+  o = fused_head(h, w, ids, ht, teacher_head_weight_DV=wt, k=k, temperature=temperature, tile_size=tile)
+  return dict(logp=o.logp_N, entropy=o.entropy_N, idx=o.topk_idx_NK, s_topk=o.student_topk_logp_NK1[:, :k],
+              t_topk=o.teacher_topk_logp_NK1[:, :k], t_entropy=o.teacher_entropy_N), o
+
+
+def _assert_close(a, b, tol=TOL):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  scale = max(1.0, float(np.max(np.abs(b))))
+  assert float(np.max(np.abs(a - b))) <= tol * scale, f"max diff {np.max(np.abs(a - b)):.3e}"
+
+
+@pytest.mark.parametrize("tile", [4, 5, 64])  # 13 tokens: exact tiles, a ragged last tile, one oversized tile
+def test_statistics_match_unfused(tile):
+  x = _inputs()
+  got, out = jax.jit(lambda: _fused_stats(x["h"], x["w"], x["ht"], x["wt"], x["ids"], 7, 0.7, tile))()
+  want = _unfused_stats(x["h"], x["w"], x["ht"], x["wt"], x["ids"], 7, 0.7)
+  np.testing.assert_array_equal(got.pop("idx"), want.pop("idx"))
+  for name in want:
+    _assert_close(got[name], want[name])
+  assert bool(jnp.all(out.logp_N <= 0.0)) and bool(jnp.all(out.student_topk_logp_NK1 <= 0.0))
+  assert bool(jnp.all(out.teacher_topk_logp_NK1 <= 0.0))
+  assert bool(jnp.all(out.entropy_N >= 0.0)) and bool(jnp.all(out.entropy_N <= np.log(300) + 1e-5))
+
+
+@pytest.mark.parametrize("alpha,add_tail", [(0.5, True), (0.0, True), (1.0, False)])
+def test_losses_and_gradients_match_unfused(alpha, add_tail):
+  """A GRPO + SDPO + entropy objective on the fused outputs equals the same objective on full logits."""
+  x = _inputs()
+  old = jnp.full((13,), -6.0)
+  adv = x["c"][4]
+  temperature = 0.8
+
+  def objective(logp, entropy, jsd, c):
+    grpo = losses.grpo_token_loss(logp, old, adv)
+    sdpo = losses.sdpo_token_loss(jsd, logp, old)
+    return jnp.sum(c[0] * grpo + c[1] * sdpo + c[2] * entropy)
+
+  def fused(h, w):
+    o = fused_head(h, w, x["ids"], x["ht"], teacher_head_weight_DV=x["wt"], k=9, temperature=temperature,
+                   tile_size=4)
+    return objective(o.logp_N, o.entropy_N, head_divergence(o, alpha=alpha, add_tail=add_tail), x["c"])
+
+  def unfused(h, w):
+    s = _unfused_stats(h, w, x["ht"], x["wt"], x["ids"], 9, temperature)
+    jsd = losses.topk_jsd(h @ w, x["ht"] @ x["wt"], k=9, alpha=alpha, add_tail=add_tail, temperature=temperature)
+    return objective(s["logp"], s["entropy"], jsd, x["c"])
+
+  v_f, g_f = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(x["h"], x["w"])
+  v_u, g_u = jax.jit(jax.value_and_grad(unfused, argnums=(0, 1)))(x["h"], x["w"])
+  _assert_close(v_f, v_u)
+  for a, b in zip(g_f, g_u):
+    _assert_close(a, b)
+  assert float(jnp.max(jnp.abs(g_f[1]))) > 0.0
+
+
+def test_teacher_is_stop_gradient_and_defaults_to_student_head():
+  x = _inputs()
+  loss = lambda ht, wt: jnp.sum(fused_topk_jsd(x["h"], x["w"], ht, teacher_head_weight_DV=wt, k=5, tile_size=8))
+  g_ht, g_wt = jax.grad(loss, argnums=(0, 1))(x["ht"], x["wt"])
+  assert float(jnp.max(jnp.abs(g_ht))) == 0.0 and float(jnp.max(jnp.abs(g_wt))) == 0.0
+  tied = fused_head(x["h"], x["w"], x["ids"], x["ht"], k=5).teacher_entropy_N
+  explicit = fused_head(x["h"], x["w"], x["ids"], x["ht"], teacher_head_weight_DV=x["w"], k=5).teacher_entropy_N
+  np.testing.assert_array_equal(tied, explicit)
+  assert fused_head(x["h"], x["w"], x["ids"], k=5).teacher_topk_logp_NK1 is None
+
+
+def test_no_tokens_by_vocab_array_in_forward_or_backward():
+  n, v, tile = 48, 1000, 16
+  x = _inputs(n=n, v=v)
+  loss = lambda h, w: jnp.sum(fused_topk_jsd(h, w, x["ht"], teacher_head_weight_DV=x["wt"], k=5, tile_size=tile))
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x["h"], x["w"]).compile().as_text()
+  shapes = set(re.findall(r"\[([0-9,]+)\]", hlo))
+  assert f"{tile},{v}" in shapes  # one tile's logits exist ...
+  assert f"{n},{v}" not in shapes and f"{v},{n}" not in shapes  # ... the whole batch's never do
+
+
+def test_real_vocab_few_tokens():
+  x = _inputs(n=3, d=8, v=151936, seed=1)
+  got, out = jax.jit(lambda: _fused_stats(x["h"], x["w"], x["ht"], x["wt"], x["ids"], 100, 1.0, 2))()
+  want = _unfused_stats(x["h"], x["w"], x["ht"], x["wt"], x["ids"], 100, 1.0)
+  np.testing.assert_array_equal(got.pop("idx"), want.pop("idx"))
+  for name in want:
+    _assert_close(got[name], want[name])
+  assert bool(jnp.all(out.logp_N <= 0.0)) and bool(jnp.all(out.student_topk_logp_NK1 <= 0.0))
+  jsd_f = fused_topk_jsd(x["h"], x["w"], x["ht"], teacher_head_weight_DV=x["wt"], tile_size=2)
+  _assert_close(jsd_f, losses.topk_jsd(x["h"] @ x["w"], x["ht"] @ x["wt"]))
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+  x = _inputs()
+  o = fused_head(x["h"].astype(jnp.bfloat16), x["w"].astype(jnp.bfloat16), x["ids"], k=5, tile_size=4)
+  assert o.logp_N.dtype == jnp.float32 and o.entropy_N.dtype == jnp.float32
+  want = _unfused_stats(x["h"].astype(jnp.bfloat16).astype(jnp.float32),
+                        x["w"].astype(jnp.bfloat16).astype(jnp.float32), x["ht"], x["wt"], x["ids"], 5, 1.0)
+  _assert_close(o.logp_N, want["logp"], tol=1e-4)
+  g = jax.grad(lambda w: jnp.sum(fused_head(x["h"].astype(jnp.bfloat16), w, x["ids"], k=5).logp_N))(
+      x["w"].astype(jnp.bfloat16))
+  assert g.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
