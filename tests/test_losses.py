@@ -267,8 +267,7 @@ def test_empty_branches_give_finite_losses(method):
 # ---------------------------------------------------------------------------------------------------------------
 # Gradient accumulation reproduces the mini-batch.
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,loss_agg", [("srpo", "token-mean"), ("sdpo", "seq-mean-token-mean"),
-                                             ("advantage_mix", "token-mean")])
+@pytest.mark.parametrize("method,loss_agg", [("srpo", "token-mean"), ("sdpo", "seq-mean-token-mean")])
 def test_micro_batch_accumulation_matches_full_batch(method, loss_agg):
   rewards, groups, valid = _batch(5, num_groups=2, group=4, length=5)
   b, t = valid.shape
