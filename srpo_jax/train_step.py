@@ -201,7 +201,7 @@ def make_train_fns(graphdef, optimizer, hp: LossHParams) -> TrainFns:
     (grads, loss), sums = jax.lax.scan(body, (zeros, jnp.float32(0.0)), micro_batches)
     maxes = {k: jnp.max(v) for k, v in sums.items() if k.endswith("_max")}
     sums = {k: jnp.sum(v) for k, v in sums.items() if not k.endswith("_max")}
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)

@@ -1,0 +1,92 @@
+"""End to end: every method trains a few steps on the tiny config; non-finite steps; teacher compute follows routing."""
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from srpo_jax import metrics as M
+from srpo_jax import trainer as trainer_lib
+from srpo_jax.tokenizer import load_tokenizer
+from tests.e2e_utils import coin_reward, fast_config
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return load_tokenizer()
+
+
+def _records(run_dir):
+  return M.read_metrics(str(run_dir))
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("method", ["grpo", "sdpo", "srpo", "srpo_no_dw", "advantage_mix"])
+def test_method_runs_end_to_end(method, tmp_path, tokenizer):
+  cfg = fast_config(tmp_path, **{"algo.name": method})
+  tr = trainer_lib.Trainer(cfg, tokenizer=tokenizer)
+  tr.task.reward = coin_reward  # mixed groups, so every branch of the routing is exercised
+  params0, teacher0 = _leaves(tr.params), _leaves(tr.teacher)
+  summary = tr.run()
+
+  recs = [r for r in _records(tmp_path) if r["step"] > 0]
+  assert [r["step"] for r in recs] == [1, 2]
+  for r in recs:
+    assert math.isfinite(r[M.LOSS]) and r[M.OPTIM_GRAD_NORM] > 0
+    fr = r[M.ROUTE_FRAC_GRPO] + r[M.ROUTE_FRAC_SDPO] + r[M.ROUTE_FRAC_FALLBACK]
+    assert r["policy/logp_max"] <= 0.0
+    if method == "grpo":
+      assert r[M.ROUTE_FRAC_SDPO] == 0 and fr == pytest.approx(1.0)
+    if method in ("srpo", "srpo_no_dw"):
+      assert fr == pytest.approx(1.0)
+    if method == "sdpo":
+      assert r[M.ROUTE_FRAC_GRPO] == 0 and r[M.ROUTE_FRAC_FALLBACK] == 0
+  assert any(r[M.ROUTE_FRAC_SDPO] > 0 for r in recs) == (method != "grpo")
+  if method == "srpo":
+    assert any("dw/mean" in r for r in recs)
+    for r in recs:
+      if "dw/mean" in r:
+        assert r["dw/mean"] == pytest.approx(1.0, abs=1e-5) and r["dw/min"] <= 1.0 <= r["dw/max"]
+  # Parameters moved; the EMA teacher moved too (every method but GRPO), by 5% of the way.
+  assert any(not np.array_equal(a, b) for a, b in zip(params0, _leaves(tr.params)))
+  teacher_moved = any(not np.array_equal(a, b) for a, b in zip(teacher0, _leaves(tr.teacher)))
+  assert teacher_moved == (method != "grpo")
+  assert summary["steps"] == 2 and summary["initial_eval_accuracy"] is not None
+  saved = json.load(open(os.path.join(tmp_path, M.SUMMARY_FILE)))
+  assert saved["final_eval_accuracy"] == summary["final_eval_accuracy"]
+  assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints")))[-1] == "2"
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, tokenizer, monkeypatch):
+  cfg = fast_config(tmp_path, **{"algo.name": "grpo", "train.steps": 5, "train.max_nonfinite_in_row": 2})
+  tr = trainer_lib.Trainer(cfg, tokenizer=tokenizer)
+  tr.task.reward = coin_reward
+  real = trainer_lib.adv_lib.group_advantages
+  calls = {"n": 0}
+
+  def poisoned(*a, **k):  # step 1 is healthy; from step 2 on, the advantages are NaN
+    calls["n"] += 1
+    out = real(*a, **k)
+    return out if calls["n"] == 1 else out * jnp.nan
+
+  monkeypatch.setattr(trainer_lib.adv_lib, "group_advantages", poisoned)
+  with pytest.raises(trainer_lib.TrainingAborted, match="2 non-finite steps in a row"):
+    tr.run()
+  recs = {r["step"]: r for r in _records(tmp_path) if r["step"] > 0}
+  assert recs[1]["train/nonfinite_steps"] == 0 and recs[2]["train/nonfinite_steps"] == 1
+  # The last good checkpoint (step 1) is intact and finite; skipped steps did not change the parameters.
+  from srpo_jax.checkpointing import Checkpointer
+  ck = Checkpointer(cfg.checkpoint_dir)
+  assert ck.latest_step() == 2
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tr._state())
+  s1, _ = ck.restore(1, abstract)
+  s2, _ = ck.restore(2, abstract)
+  for a, b in zip(_leaves(s1["params"]), _leaves(s2["params"])):
+    assert np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
