@@ -114,8 +114,9 @@ def _chisquare_p(samples: np.ndarray, probs: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("v,temperature,top_k,top_p", [(3000, 1.0, 0, 1.0), (2503, 0.5, 0, 1.0), (3000, 1.0, 0, 0.6),
-                                                       (3000, 1.0, 20, 1.0), (3000, 0.8, 30, 0.7)],
-                         ids=["full", "temp-padded-blocks", "top-p", "top-k", "top-k+top-p"])
+                                                       (3000, 0.3, 0, 0.9), (3000, 1.0, 20, 1.0), (3000, 0.8, 30, 0.7)],
+                         ids=["full", "temp-padded-blocks", "top-p-bisection", "top-p-candidates", "top-k",
+                              "top-k+top-p"])
 def test_sampling_function_frequencies(v, temperature, top_k, top_p):
   # V = 3,000: two 1,500-token blocks; V = 2,503 (prime): three 1,024-token blocks, the last one padded.
   rng = np.random.default_rng(0)
@@ -123,6 +124,9 @@ def test_sampling_function_frequencies(v, temperature, top_k, top_p):
   n = 20_000
   strategy = sampling_lib.Strategy.from_params(temperature, top_k, top_p, len(logits))
   assert strategy.top_p == (top_p < 1) and strategy.top_k == top_k
+  if top_p < 1 and not top_k:  # each top-p path is exercised: the 256-candidate shortcut only when they hold top_p
+    top = np.sort(_filtered_probs(logits, temperature, 0, 1.0))[::-1][:sampling_lib.TOP_P_CANDIDATES].sum()
+    assert (top >= top_p) == (temperature < 1), top
   u = jax.random.uniform(jax.random.key(7), (n,))
   tok, logp = jax.jit(lambda lg, u: sampling_lib.sample(strategy, lg, u, jnp.float32(temperature),
                                                         jnp.float32(top_p)))(jnp.broadcast_to(logits, (n, v)), u)
