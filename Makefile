@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/tiny
 	$(BIN)/python -m srpo_jax.main --config=configs/tiny.py
 
 compare: $(STAMP)
+	rm -rf runs/tiny_compare
 	$(BIN)/python -m srpo_jax.compare --config=configs/tiny.py
 
 test: $(STAMP)

@@ -10,6 +10,7 @@ import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from srpo_jax import config as config_lib
@@ -35,6 +36,8 @@ def main(argv):
   if _CONFIG.value is None:
     raise app.UsageError("--config=configs/<name>.py is required (e.g. configs/tiny.py)")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
+  logging.getLogger("srpo_jax").setLevel(logging.INFO)
   try:
     cfg = config_lib.validate(_CONFIG.value)
   except config_lib.ConfigError as e:

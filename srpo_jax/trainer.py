@@ -189,8 +189,13 @@ class Trainer:
     self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer.path)
     self.pad = self.tokenizer.pad_token_id
     self.task = load_task(cfg, self.tokenizer)
+    self.checkpointer = Checkpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
+    latest = self.checkpointer.latest_step()
+    if latest is not None and not cfg.resume:
+      raise FileExistsError(f"run_dir {cfg.run_dir!r} already holds checkpoints (latest step {latest}): pass "
+                            "--config.resume=true to continue that run, or choose a new run_dir")
     model = build_model(cfg, mesh)
-    if cfg.train.warmstart_steps and not (cfg.resume and Checkpointer(cfg.checkpoint_dir).latest_step() is not None):
+    if cfg.train.warmstart_steps and latest is None:
       model = warmstart(model, cfg, self.tokenizer, os.path.join(_cache_root(), "warmstart"))
     self.graphdef, self.params = nnx.split(model)
     self.teacher = jax.tree.map(jnp.copy, self.params)  # θ_T initialised to the base weights
@@ -208,7 +213,6 @@ class Trainer:
     self.nonfinite_in_row = 0
     self.counters = {"nonfinite_steps": 0, "teacher_truncated": 0}
     self.best_acc, self.initial_acc, self.final_acc = None, None, None
-    self.checkpointer = Checkpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
     resumed_time = 0.0
     if cfg.resume and self.checkpointer.latest_step() is not None:
       resumed_time = self._restore(self.checkpointer.latest_step())

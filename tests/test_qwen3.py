@@ -200,3 +200,30 @@ def test_unsupported_architecture_named(pair, tmp_path, patch, field):
   (tmp_path / "config.json").write_text(json.dumps(cfg))
   with pytest.raises(ValueError, match=field):
     srpo_jax.load_pretrained(tmp_path)
+
+
+def test_load_with_mesh_places_each_tensor_sharded(tmp_path):
+  """4 forced CPU devices, mesh fsdp=2 × tensor=2: tensors land sharded by their logical axes; logits unchanged."""
+  import subprocess
+  import sys
+  tiny_hf_qwen3(tied=False).save_pretrained(tmp_path)
+  code = f"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax, numpy as np, srpo_jax
+from jax.sharding import PartitionSpec as P
+from srpo_jax.sharding import make_mesh
+mesh = make_mesh(data=1, fsdp=2, tensor=2)
+m = srpo_jax.load_pretrained({str(tmp_path)!r}, mesh=mesh)
+ref = srpo_jax.load_pretrained({str(tmp_path)!r})
+q = m.layers[0].attn.q[...]
+assert q.sharding.spec == P("fsdp", "tensor", None), q.sharding.spec
+assert len(q.sharding.device_set) == 4
+assert m.lm_head[...].sharding.spec == P("fsdp", "tensor"), m.lm_head[...].sharding.spec
+ids = (np.arange(10)[None] * 37) % 512
+np.testing.assert_allclose(np.asarray(m(ids)), np.asarray(ref(ids)), atol=1e-5)
+print("SHARDED-OK")
+"""
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert "SHARDED-OK" in out.stdout, out.stderr[-3000:]

@@ -1,0 +1,99 @@
+"""The jitted train step: micro-batch accumulation equals the full mini-batch; no SDPO rows → no teacher forward."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from srpo_jax import batching
+from srpo_jax.algorithms import losses
+from srpo_jax.models.qwen3 import Qwen3Config, init_model
+from srpo_jax.train_step import LossHParams, make_optimizer, make_train_fns
+
+V, PAD = 384, 0
+
+
+def _model():
+  return init_model(Qwen3Config.preset("tiny", vocab_size=V, hidden_size=32, intermediate_size=64, head_dim=8), seed=1)
+
+
+def _step_arrays(rng, b=8, with_sdpo=True):
+  prompts = [list(rng.integers(1, V, rng.integers(3, 9))) for _ in range(b)]
+  responses = [list(rng.integers(1, V, rng.integers(0 if i == 3 else 1, 6))) for i in range(b)]  # row 3 may be empty
+  rewards = rng.integers(0, 2, b).astype(np.float32)
+  sdpo = (rewards == 0) & with_sdpo
+  sdpo[0] = with_sdpo
+  grpo = ~sdpo
+  teacher_prompts = {int(i): list(rng.integers(1, V, rng.integers(4, 12))) for i in np.flatnonzero(sdpo)}
+  p_len, r_len = 16, 8
+  ids, mask, resp = batching.sequences(prompts, responses, p_len, r_len, PAD)
+  roll = np.where(resp, -rng.uniform(0.1, 3.0, resp.shape), 0.0).astype(np.float32)
+  old = np.where(resp, -rng.uniform(0.1, 3.0, resp.shape), 0.0).astype(np.float32)
+  adv = (rewards - rewards.mean()).astype(np.float32)
+  dw = np.where(resp, rng.uniform(0.5, 1.5, resp.shape), 1.0).astype(np.float32)
+  return dict(ids=ids, mask=mask, resp=resp, old_logp=old, roll_logp=roll, adv=adv, grpo=grpo, sdpo=sdpo, dw=dw,
+              teacher_prompts=teacher_prompts, responses=responses, pad=PAD)
+
+
+@pytest.mark.parametrize("method,agg", [("srpo", "token-mean"), ("sdpo", "seq-mean-token-mean"),
+                                        ("advantage_mix", "token-mean")])
+def test_accumulation_over_1_2_4_micro_batches_gives_the_same_update(method, agg):
+  model = _model()
+  graphdef, params = nnx.split(model)
+  teacher = jax.tree.map(lambda x: x * 0.9, params)
+  opt, _ = make_optimizer(1e-3, warmup_steps=0)
+  fns = make_train_fns(graphdef, opt, LossHParams(method=method, loss_agg=agg, topk=16, tile_size=8))
+  arrays = _step_arrays(np.random.default_rng(0))
+  rows = np.arange(8)
+  den = float(losses.objective_denominator(jnp.asarray(arrays["resp"]), jnp.asarray(arrays["grpo"]),
+                                           jnp.asarray(arrays["sdpo"]), loss_agg=agg))
+  deltas, lossvals = [], []
+  for micro in (8, 4, 2):
+    mbs = batching.micro_batches(rows, micro, **arrays)
+    assert mbs.ids.shape[0] == 8 // micro
+    new, _, out = fns.update(params, opt.init(params), teacher, mbs, jnp.float32(den))
+    assert bool(out["finite"])
+    deltas.append([np.asarray(n) - np.asarray(p) for n, p in zip(jax.tree.leaves(new), jax.tree.leaves(params))])
+    lossvals.append(float(out["loss"]))
+  np.testing.assert_allclose(lossvals[1:], lossvals[0], rtol=1e-6, atol=1e-9)
+  flat = [np.concatenate([d.ravel() for d in ds]) for ds in deltas]
+  assert np.abs(flat[0]).max() > 0
+  for f in flat[1:]:
+    assert np.abs(f - flat[0]).max() <= 1e-6 * np.abs(flat[0]).max()
+
+
+def _dot_count(jaxpr) -> int:
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == "dot_general"
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (list, tuple)) else [p]):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          n += _dot_count(inner)
+  return n
+
+
+def test_no_sdpo_rollouts_means_no_teacher_forward():
+  model = _model()
+  graphdef, params = nnx.split(model)
+  opt, _ = make_optimizer(1e-3, warmup_steps=0)
+  fns = make_train_fns(graphdef, opt, LossHParams(method="srpo", topk=16, tile_size=8))
+  with_t = _step_arrays(np.random.default_rng(1), with_sdpo=True)
+  without_t = _step_arrays(np.random.default_rng(1), with_sdpo=False)
+  rows = np.arange(8)
+  mb_t = batching.micro_batches(rows, 4, **with_t)
+  mb_0 = batching.micro_batches(rows, 4, **without_t)
+  assert mb_t.t_ids is not None and mb_0.t_ids is None
+  opt_state = opt.init(params)
+  # A teacher full of NaNs cannot affect a step that runs no teacher forward.
+  nan_teacher = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
+  _, _, out = fns.update(params, opt_state, nan_teacher, mb_0, jnp.float32(10.0))
+  assert bool(out["finite"])
+  # And the compiled program has fewer matmuls: the teacher's layers and head are absent.
+  jx_t = jax.make_jaxpr(fns.update)(params, opt_state, params, mb_t, jnp.float32(10.0)).jaxpr
+  jx_0 = jax.make_jaxpr(fns.update)(params, opt_state, params, mb_0, jnp.float32(10.0)).jaxpr
+  assert _dot_count(jx_0) < _dot_count(jx_t)
+  # With SDPO rows, a NaN teacher does reach the loss (the test above would catch a silently skipped teacher).
+  _, _, out_t = fns.update(params, opt_state, nan_teacher, mb_t, jnp.float32(10.0))
+  assert not bool(out_t["finite"])
