@@ -152,11 +152,9 @@ def build_engine(cfg: Config, graphdef, params, tokenizer, mesh) -> RolloutEngin
     from srpo_jax.rollout.jax_engine import JaxEngine
     return JaxEngine((graphdef, params), eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id, mesh=mesh)
   from srpo_jax.rollout.sglang_engine import SGLangEngine
-  qcfg = nnx.merge(graphdef, params).config
 
-  def export_fn(p, out_dir):
-    hf_io.export_state(qcfg, lambda path: hf_io._variable(nnx.merge(graphdef, p), path).get_value(), out_dir,
-                       tokenizer=tokenizer, dtype="bfloat16")
+  def export_fn(p, out_dir):  # SGLang reads bf16 HF weights; the trainer keeps its own (fp32) master copy
+    hf_io.save_pretrained(nnx.merge(graphdef, p), out_dir, tokenizer=tokenizer, dtype="bfloat16")
 
   first = os.path.join(cfg.run_dir, "weights", "initial")
   if cfg.rollout.sglang_url is None:
@@ -357,7 +355,7 @@ class Trainer:
         M.ROLLOUT_TOKENS_PER_S: n_tok / max(timings["time/rollout_s"], 1e-9),
         "rollout/logp_mismatch_abs": float(np.abs(old_flat - roll_flat).mean()) if old_flat.size else 0.0,
         "rollout/logp_mismatch_max": float(np.abs(old_flat - roll_flat).max()) if old_flat.size else 0.0,
-        M.OPTIM_LR: float(self.schedule(int(jax.device_get(_adam_count(self.opt_state))))),
+        M.OPTIM_LR: self.current_lr(),
         "train/nonfinite_steps": self.counters["nonfinite_steps"],
         "teacher/prompts_truncated": truncated,
         **teacher_stats, **upd, **timings,
@@ -365,6 +363,12 @@ class Trainer:
     step_metrics[M.TIME_STEP_S] = time.perf_counter() - t0
     step_metrics["time/tokens_per_s"] = n_tok / step_metrics[M.TIME_STEP_S]
     return step_metrics
+
+  def current_lr(self) -> float:
+    """The schedule's value at the optimizer's step count (skipped non-finite steps do not advance it)."""
+    count = optax.tree_utils.tree_get(
+        self.opt_state, "count", filtering=lambda path, _: path[-1].tuple_name == "ScaleByScheduleState")
+    return float(self.schedule(int(count)))
 
   def _prepare(self, ids, mask, resp, sdpo_B, teacher_prompts, responses, r_len):
     """π_old log-probs for every rollout; DW weights from the EMA teacher's entropy (srpo only)."""
@@ -508,11 +512,6 @@ class _Accumulator:
             "grpo/clip_frac": div("clip_frac_sum", "n_grpo_tokens"), "grpo/ratio_mean": div("ratio_sum", "n_grpo_tokens"),
             "rollout/is_weight_mean": div("roll_is_sum", "n_tokens"), "rollout/is_weight_max": s.get("roll_is_max", 0.0),
             "policy/logp_max": s.get("logp_max", 0.0), "all_finite": self.finite}
-
-
-def _adam_count(opt_state):
-  counts = [x for x in jax.tree.leaves(opt_state) if getattr(x, "dtype", None) == jnp.int32 and x.ndim == 0]
-  return counts[-1] if counts else 0
 
 
 def _mix(*xs: int) -> int:

@@ -69,7 +69,7 @@ def test_tiny_config_validates_with_the_expected_model():
       num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128, tie_word_embeddings=True,
       vocab_size=151_936)
   assert cfg.data.task == "synthetic" and cfg.rollout.engine == "jax" and cfg.run_dir == "runs/tiny"
-  assert cfg.lr == 5e-4 and cfg.rollout.rollouts_per_step == 128
+  assert cfg.lr == 1e-3 and cfg.rollout.rollouts_per_step == 128
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.algo.name = "grpo"
 
@@ -278,7 +278,7 @@ def test_config_flags_dotted_overrides_end_to_end():
   proc = run("--config.algo.name=grpo", "--config.rollout.n=4", "--config.data.data_dir=None",
              "--config.rollout.sglang_args=('--tp','2')")
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert proc.stdout.strip() == "grpo 0.0005 8 4 None ('--tp', '2') 0.0005"
+  assert proc.stdout.strip() == "grpo 0.001 8 4 None ('--tp', '2') 0.001"
   proc = run("--config.algo.nam=grpo")
   assert proc.returncode == 1 and proc.stderr.startswith(
       "FATAL Flags parsing error: unknown config key 'algo.nam'; did you mean 'algo.name'?")
