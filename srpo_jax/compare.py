@@ -21,27 +21,26 @@ _METHODS = flags.DEFINE_list("methods", ["grpo", "sdpo", "srpo"], "Methods to co
 
 def main(argv):
   del argv
-  from srpo_jax import main as main_lib, metrics, plot
+  from srpo_jax import metrics, plot, run
+  from absl import logging as absl_logging
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  absl_logging.set_verbosity(absl_logging.WARNING)
   base = _CONFIG.value
   root = base.run_dir + "_compare"
-  summaries, dirs = {}, []
-  for method in _METHODS.value:
-    run_dir = os.path.join(root, method)
-    cfg = config_lib.apply_overrides(base, {"algo.name": method, "run_dir": run_dir})
-    try:
-      validated = config_lib.validate(cfg)
-    except config_lib.ConfigError as e:
-      print(f"config error: {e}", file=sys.stderr)
-      sys.exit(2)
-    summaries[method] = main_lib.run(validated)
-    dirs.append(run_dir)
+  try:  # validate every run before training any
+    cfgs = {m: config_lib.validate(config_lib.apply_overrides(base, {"algo.name": m, "run_dir": os.path.join(root, m)}))
+            for m in _METHODS.value}
+  except config_lib.ConfigError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    sys.exit(2)
+  mesh = run.build_mesh(next(iter(cfgs.values())))
+  summaries = {m: run.run(cfg, mesh=mesh) for m, cfg in cfgs.items()}
   table = metrics.summary_table(summaries)
   print(table)
   with open(os.path.join(root, "comparison.txt"), "w") as f:
     f.write(table + "\n")
   out = os.path.join(root, "comparison.png")
-  plot.plot_runs(dirs, out)
+  plot.plot_runs([c.run_dir for c in cfgs.values()], out)
   print(f"comparison plot: {out}")
 
 

@@ -6,7 +6,6 @@ value, before anything compiles), then runs the trainer and prints a summary tab
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 from absl import app, flags
@@ -17,17 +16,6 @@ from srpo_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:param]).",
                                           lock_config=True)
-
-
-def run(cfg: config_lib.Config) -> dict:
-  """Trains one run and returns its summary (also written to run_dir/summary.json) and a plot."""
-  from srpo_jax import metrics, plot, trainer
-  summary = trainer.Trainer(cfg).run()
-  print(metrics.summary_table({cfg.run_dir: summary}))
-  out = os.path.join(cfg.run_dir, "curves.png")
-  plot.plot_runs([cfg.run_dir], out)
-  print(f"plot: {out}")
-  return summary
 
 
 def main(argv):
@@ -43,7 +31,8 @@ def main(argv):
   except config_lib.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
-  run(cfg)
+  from srpo_jax import run
+  run.run(cfg, mesh=run.build_mesh(cfg))
 
 
 if __name__ == "__main__":

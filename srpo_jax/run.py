@@ -1,0 +1,27 @@
+"""Shared by the entry points (main, compare): the device mesh, then one training run with its table and plot."""
+from __future__ import annotations
+
+import os
+
+from srpo_jax import config as config_lib
+
+
+def build_mesh(cfg: config_lib.Config):
+  """Joins a multi-host run when configured; a ("data", "fsdp", "tensor") mesh when there is more than one device."""
+  import jax
+  from srpo_jax import distributed, sharding
+  distributed.initialize(cfg.mesh.num_processes, cfg.mesh.coordinator, cfg.mesh.process_id)
+  if jax.device_count() == 1:
+    return None
+  return sharding.make_mesh(**cfg.mesh.axis_sizes(jax.device_count()))
+
+
+def run(cfg: config_lib.Config, mesh=None) -> dict:
+  """Trains one run; returns its summary (also run_dir/summary.json) and writes run_dir/curves.png."""
+  from srpo_jax import metrics, plot, trainer
+  summary = trainer.Trainer(cfg, mesh=mesh).run()
+  print(metrics.summary_table({cfg.run_dir: summary}))
+  out = os.path.join(cfg.run_dir, "curves.png")
+  plot.plot_runs([cfg.run_dir], out)
+  print(f"plot: {out}")
+  return summary
