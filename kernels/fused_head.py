@@ -6,9 +6,11 @@ teacher's log-probs at the same indices plus its tail, and the teacher's entropy
 `fused_head` computes them in token tiles inside `lax.scan`; a tile's `[tile, V]` logits live only inside the loop
 body, in the forward and in the backward (a `jax.custom_vjp` recomputes one tile's logits from the saved
 log-sum-exp). Accumulation is float32 whatever the input dtype. The vocabulary is not tiled: `[tile, V]` per tile is
-the working set, so memory is set by `tile_size`, plus one float32 `[D, V]` accumulator for the head-weight gradient
-in the backward (XLA:CPU does not alias a loop carry with the program output, so it counts twice in
-`memory_analysis`). Pallas variants may replace the tile bodies later; this pure-XLA version is the reference.
+the working set, so memory is set by `tile_size`, plus the float32 `[D, V]` head-weight gradient, accumulated in place
+in the backward's loop carry (which XLA aliases with the program output). Its per-tile update `h_tile.T @ dlogits` is
+added `DEFAULT_VOCAB_CHUNK` vocabulary columns at a time when D > tile, because XLA:CPU materialises a whole `[D, V]`
+product before adding it (see `_add_outer_by_columns`). Pallas variants may replace the tile bodies later; this
+pure-XLA version is the reference.
 
 How the losses are formed without recomputing logits (what `head_divergence` does):
   `topk_jsd(h @ W, h_T @ W_T, k, α)  ==  generalized_jsd(out.student_topk_logp, out.teacher_topk_logp, α)`
@@ -27,9 +29,12 @@ import jax.numpy as jnp
 
 from srpo_jax.algorithms import losses
 
-# bench/loss_memory.py (4,096 tokens, V = 151,936, D = 1,024, CPU): tile 256 runs forward + backward in 0.78x the
-# naive time with 749 MiB of temporaries (of which 593 MiB are the float32 [D, V] weight-gradient accumulator).
+# bench/loss_memory.py (4,096 tokens, V = 151,936, D = 1,024, CPU): tile 256 runs forward + backward in about the
+# naive time with 450 MiB of temporaries (three float32 [256, V] logits-sized buffers in the forward tile body).
 DEFAULT_TILE_SIZE = 256
+# Vocabulary columns per head-weight-gradient update in the backward (see `_add_outer_by_columns`): [D, chunk] float32
+# temporaries (32 MiB at D = 1,024), few enough loop iterations to cost nothing measurable.
+DEFAULT_VOCAB_CHUNK = 8192
 
 
 class HeadOutputs(NamedTuple):
@@ -93,13 +98,14 @@ def _student_scan(h_ND, w_DV, ids_N, k, temperature, tile):
   return tuple(_untile(y) for y in ys)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _student_head(h_ND, w_DV, ids_N, k, temperature, tile):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _student_head(h_ND, w_DV, ids_N, k, temperature, tile, vocab_chunk):
   logp_N, entropy_N, idx_NK, topk_NK1, _ = _student_scan(h_ND, w_DV, ids_N, k, temperature, tile)
   return logp_N, entropy_N, idx_NK, topk_NK1
 
 
-def _student_head_fwd(h_ND, w_DV, ids_N, k, temperature, tile):
+def _student_head_fwd(h_ND, w_DV, ids_N, k, temperature, tile, vocab_chunk):
+  del vocab_chunk  # backward only.
   logp_N, entropy_N, idx_NK, topk_NK1, lse_N = _student_scan(h_ND, w_DV, ids_N, k, temperature, tile)
   residuals = (h_ND, w_DV, ids_N, lse_N, entropy_N, idx_NK, topk_NK1)
   return (logp_N, entropy_N, idx_NK, topk_NK1), residuals
@@ -125,7 +131,36 @@ def _logit_cotangent(z_tV, lse_t, entropy_t, ids_t, idx_tK, topk_tK1, g_logp_t, 
   return dz_tV.at[rows_t[:, None], idx_tK].add(g_k_tK)
 
 
-def _student_head_bwd(k, temperature, tile, residuals, cotangents):
+def _add_outer_by_columns(acc_DV: jax.Array, h_tD: jax.Array, g_tV: jax.Array, chunk: int) -> jax.Array:
+  """`acc_DV + h_tD.T @ g_tV` (float32), `chunk` vocabulary columns at a time, updated in place.
+
+  Written as one `acc + dot(...)`, XLA:CPU materialises the `[D, V]` product as a temporary before the add (593 MiB
+  at D = 1,024, V = 151,936: as much as the gradient itself). Column chunks keep that temporary at `[D, chunk]`
+  while the accumulator (the loop carry, aliased with the program's output) is updated with dynamic-update-slice.
+  When `chunk` does not divide V the last chunk is shifted left to stay in bounds and its columns that the previous
+  chunk already added are masked out of `g`.
+  """
+  vocab = acc_DV.shape[1]
+  h_Dt = h_tD.T.astype(jnp.float32)
+  if chunk >= vocab or h_tD.shape[1] <= h_tD.shape[0]:
+    # One product. With D <= tile the [D, V] temporary is no larger than a [tile, V] logits buffer the backward
+    # holds anyway (XLA shares their space; the tiny demo's D = 64 is this case) and one dot is faster.
+    return acc_DV + jnp.dot(h_Dt, g_tV, preferred_element_type=jnp.float32)
+  num_chunks = -(-vocab // chunk)
+
+  def body(i, acc_DV):
+    start = jnp.minimum(i * chunk, vocab - chunk)
+    g_tc = jax.lax.dynamic_slice_in_dim(g_tV, start, chunk, axis=1)
+    if vocab % chunk:
+      g_tc = jnp.where(start + jnp.arange(chunk) >= i * chunk, g_tc, 0.0)
+    acc_Dc = jax.lax.dynamic_slice_in_dim(acc_DV, start, chunk, axis=1)
+    acc_Dc = acc_Dc + jnp.dot(h_Dt, g_tc, preferred_element_type=jnp.float32)
+    return jax.lax.dynamic_update_slice_in_dim(acc_DV, acc_Dc, start, axis=1)
+
+  return jax.lax.fori_loop(0, num_chunks, body, acc_DV)
+
+
+def _student_head_bwd(k, temperature, tile, vocab_chunk, residuals, cotangents):
   h_ND, w_DV, ids_N, lse_N, entropy_N, idx_NK, topk_NK1 = residuals
   g_logp_N, g_ent_N, _, g_topk_NK1 = cotangents  # the int top-k indices carry no cotangent.
 
@@ -135,8 +170,7 @@ def _student_head_bwd(k, temperature, tile, residuals, cotangents):
     dz_tV = _logit_cotangent(z_tV, lse_t, ent_t, ids_t, idx_tK, topk_tK1, g_logp_t, g_ent_t, g_topk_tK1)
     dlogits_tV = dz_tV / temperature
     dh_tD = jnp.dot(dlogits_tV, w_DV.T.astype(jnp.float32), preferred_element_type=jnp.float32)
-    dw_DV = dw_DV + jnp.dot(h_tD.T.astype(jnp.float32), dlogits_tV, preferred_element_type=jnp.float32)
-    return dw_DV, dh_tD.astype(h_ND.dtype)
+    return _add_outer_by_columns(dw_DV, h_tD, dlogits_tV, vocab_chunk), dh_tD.astype(h_ND.dtype)
 
   xs = tuple(_tiles(x, tile) for x in (h_ND, ids_N, lse_N, entropy_N, idx_NK, topk_NK1, g_logp_N, g_ent_N,
                                        g_topk_NK1))
@@ -187,7 +221,7 @@ def fused_head(student_hidden_ND: jax.Array, head_weight_DV: jax.Array, token_id
   padded = -(-num // tile) * tile
   logp, entropy, idx, topk = _student_head(_pad_rows(student_hidden_ND, padded), head_weight_DV,
                                            _pad_rows(token_ids_N.astype(jnp.int32), padded), k, float(temperature),
-                                           tile)
+                                           tile, DEFAULT_VOCAB_CHUNK)
   out = HeadOutputs(logp[:num], entropy[:num], idx[:num], topk[:num])
   if teacher_hidden_ND is None:
     return out

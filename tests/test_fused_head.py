@@ -1,4 +1,5 @@
 """Fused token-tiled head vs the unfused full-logits path: same statistics, losses and gradients; no [N, V] array."""
+import importlib
 import re
 
 import jax
@@ -8,6 +9,8 @@ import pytest
 
 from srpo_jax.algorithms import losses
 from srpo_jax.kernels import fused_head, fused_topk_jsd, head_divergence
+
+fh = importlib.import_module("srpo_jax.kernels.fused_head")  # the module (the package re-exports the function)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 TOL = 1e-5
@@ -130,3 +133,43 @@ def test_bfloat16_inputs_accumulate_in_float32():
   g = jax.grad(lambda w: jnp.sum(fused_head(x["h"].astype(jnp.bfloat16), w, x["ids"], k=5).logp_N))(
       x["w"].astype(jnp.bfloat16))
   assert g.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
+
+
+def _student_grads(x, tile):
+  """Compiled gradient (hidden, head weight) of a top-k + log-prob + entropy objective on one fused head."""
+  def loss(h, w):
+    o = fused_head(h, w, x["ids"], k=9, temperature=0.8, tile_size=tile)
+    return jnp.sum(o.student_topk_logp_NK1 * x["c"][0][:, None]) + jnp.sum(x["c"][1] * o.logp_N + o.entropy_N)
+  return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x["h"], x["w"]).compile()
+
+
+@pytest.mark.parametrize("chunk", [64, 100])  # V = 300: a shifted, masked last chunk; exact chunks
+def test_weight_gradient_in_vocab_chunks_matches_unfused(monkeypatch, chunk):
+  """D = 16 > tile = 4 takes the column-chunked weight-gradient update; it equals the full-logits gradient."""
+  monkeypatch.setattr(fh, "DEFAULT_VOCAB_CHUNK", chunk)
+  x = _inputs()
+  got = _student_grads(x, 4)(x["h"], x["w"])
+
+  def unfused(h, w):
+    s = _unfused_stats(h, w, x["ht"], x["wt"], x["ids"], 9, 0.8)
+    topk = losses.topk_logprobs_with_tail(s["s_topk"], add_tail=True)
+    return jnp.sum(topk * x["c"][0][:, None]) + jnp.sum(x["c"][1] * s["logp"] + s["entropy"])
+
+  want = jax.grad(unfused, argnums=(0, 1))(x["h"], x["w"])
+  for a, b in zip(got, want):
+    _assert_close(a, b)
+
+
+def test_backward_has_no_second_weight_sized_buffer(monkeypatch):
+  """The chunked update removes the [D, V] product temporary that `acc + h.T @ g` costs; no [N, V] array either."""
+  n, d, v, tile = 64, 128, 4096, 16
+  x = _inputs(n=n, d=d, v=v)
+  monkeypatch.setattr(fh, "DEFAULT_VOCAB_CHUNK", v)  # one product per token tile: the old behaviour
+  whole = _student_grads(x, tile)
+  monkeypatch.setattr(fh, "DEFAULT_VOCAB_CHUNK", 512)
+  chunked = _student_grads(x, tile)
+  saved = whole.memory_analysis().temp_size_in_bytes - chunked.memory_analysis().temp_size_in_bytes
+  assert saved >= 0.75 * d * v * 4, f"chunked backward saves only {saved} bytes of temporaries"
+  assert chunked.memory_analysis().output_size_in_bytes >= d * v * 4  # the gradient is the output, not a temp
+  shapes = set(re.findall(r"\[([0-9,]+)\]", chunked.as_text()))
+  assert f"{n},{v}" not in shapes and f"{v},{n}" not in shapes
