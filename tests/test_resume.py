@@ -61,3 +61,22 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     for k in (M.TRAIN_REWARD_MEAN, M.LOSS, M.EVAL_ACCURACY):
       if k in r:
         assert r[k] == ref[r["step"]][k], (r["step"], k)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  run_dir = tmp_path / "term"
+  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  p = subprocess.Popen([sys.executable, "-m", "tests.resume_driver", str(run_dir), "50", "0"], cwd=REPO, env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  first = run_dir / "checkpoints" / "1"
+  deadline = time.time() + 600
+  while not first.exists() and p.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert first.exists(), p.communicate()[0].decode()[-3000:]
+  p.send_signal(signal.SIGTERM)
+  out = p.communicate(timeout=300)[0].decode()
+  assert p.returncode == 0, out[-3000:]
+  steps = sorted(int(d) for d in os.listdir(run_dir / "checkpoints") if d.isdigit())
+  summary = M.read_summary(str(run_dir))
+  # Stopped early, at a step boundary, with that step checkpointed and reported.
+  assert 1 <= summary["steps"] < 50 and steps[-1] == summary["steps"]
