@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ from srpo_jax.data import benchmarks, prompts as prompt_lib, synthetic
 from srpo_jax.models import hf_io
 from srpo_jax.models.qwen3 import Qwen3, Qwen3Config, init_model
 from srpo_jax.rewards import mcq_reward, tooluse_reward
-from srpo_jax.rollout.engine import Completion, RolloutEngine, SamplingParams
+from srpo_jax.rollout.engine import RolloutEngine, SamplingParams
 from srpo_jax.train_step import LossHParams, make_optimizer, make_train_fns, student_logp
 
 log = logging.getLogger("srpo_jax")

@@ -101,7 +101,7 @@ def dw_weights(teacher_entropy: torch.Tensor, mask: torch.Tensor, beta: float = 
 
 def objective(grpo_BT, sdpo_BT, dw_BT, valid_BT, grpo_B, sdpo_B, method, loss_agg, mix_lambda=0.9):
   """The spec's objective, loops over rollouts; returns the scalar loss."""
-  per_seq, seq_tokens, n_seqs = [], 0.0, 0
+  per_seq = []
   total, denom = 0.0, 0.0
   for i in range(valid_BT.shape[0]):
     v = valid_BT[i].bool()
