@@ -746,6 +746,9 @@ def paper_config(model_name: str, param: str = "", mesh: Optional[Mapping[str, i
   c.data.task = task
   c.algo.name = algo
   c.rollout.engine = "sglang"
+  # SGLang and the JAX trainer share the GPUs: SGLang keeps 35% of each GPU's memory (weights + KV cache), and
+  # `srpo_jax.run` caps JAX's preallocation at 55% (XLA_PYTHON_CLIENT_MEM_FRACTION) unless the environment sets it.
+  c.rollout.sglang_args = ("--mem-fraction-static", "0.35")
   c.train.steps = 1000  # An upper bound: the paper reports best accuracy within 10h of wall-clock.
   c.train.max_wall_time_h = 10.0
   c.checkpoint.every_steps = 10

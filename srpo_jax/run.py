@@ -8,6 +8,9 @@ from srpo_jax import config as config_lib
 
 def build_mesh(cfg: config_lib.Config):
   """Joins a multi-host run when configured; a ("data", "fsdp", "tensor") mesh when there is more than one device."""
+  if cfg.rollout.engine == "sglang":
+    # Before JAX touches a GPU: leave room for the SGLang server on the same devices (JAX preallocates 75% otherwise).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.55")
   import jax
   from srpo_jax import distributed, sharding
   distributed.initialize(cfg.mesh.num_processes, cfg.mesh.coordinator, cfg.mesh.process_id)
