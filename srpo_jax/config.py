@@ -630,14 +630,10 @@ def required_data_files(task: str) -> tuple[str, ...]:
   return (f"{task}/train.json", f"{task}/test.json")
 
 
-def default_cache_dir() -> str:
-  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(base, "srpo_jax", "data")
-
-
 def resolve_data_dir(data_dir: Optional[str]) -> str:
-  """data.data_dir, else $SRPO_DATA_DIR, else ~/.cache/srpo_jax/data: the rule of srpo_jax.data.benchmarks."""
-  return os.path.expanduser(data_dir or os.environ.get("SRPO_DATA_DIR") or default_cache_dir())
+  """data.data_dir, else $SRPO_DATA_DIR, else the per-user cache: `srpo_jax.data.benchmarks`' rule."""
+  from srpo_jax.data import benchmarks  # Local: keeps `import srpo_jax.config` light for config files.
+  return str(benchmarks.resolve_data_dir(data_dir))
 
 
 def _check_files(c: Config) -> None:

@@ -25,6 +25,8 @@ import tempfile
 from typing import Any, Mapping, Sequence
 
 import tokenizers
+
+from srpo_jax import paths
 import transformers
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
 
@@ -240,7 +242,7 @@ def default_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> pathlib
   Safe under concurrent first use: each builder writes a private temporary directory and renames it into place;
   a loser of the race drops its copy and uses the winner's.
   """
-  root = pathlib.Path(cache_dir or os.environ.get("SRPO_CACHE_DIR") or "~/.cache/srpo_jax").expanduser()
+  root = pathlib.Path(cache_dir).expanduser() if cache_dir else paths.cache_root()
   target = root / DEFAULT_DIR_NAME
   if _is_complete(target):
     return target

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from srpo_jax import batching, metrics as M
+from srpo_jax import batching, metrics as M, paths
 from srpo_jax.algorithms import advantages as adv_lib
 from srpo_jax.algorithms import losses, routing
 from srpo_jax.algorithms.teacher import build_teacher_prompt_ids
@@ -33,6 +33,7 @@ from srpo_jax.data import benchmarks, prompts as prompt_lib, synthetic
 from srpo_jax.models import hf_io
 from srpo_jax.models.qwen3 import Qwen3, Qwen3Config, init_model
 from srpo_jax.rewards import mcq_reward, tooluse_reward
+from srpo_jax.rewards.mcq import extract_answer
 from srpo_jax.rollout.engine import RolloutEngine, SamplingParams
 from srpo_jax.train_step import LossHParams, make_optimizer, make_train_fns, student_logp
 
@@ -194,7 +195,7 @@ class Trainer:
                             "--config.resume=true to continue that run, or choose a new run_dir")
     model = build_model(cfg, mesh)
     if cfg.train.warmstart_steps and latest is None:
-      model = warmstart(model, cfg, self.tokenizer, os.path.join(_cache_root(), "warmstart"))
+      model = warmstart(model, cfg, self.tokenizer, str(paths.cache_root() / "warmstart"))
     self.graphdef, self.params = nnx.split(model)
     self.teacher = jax.tree.map(jnp.copy, self.params)  # θ_T initialised to the base weights
     self.optimizer, self.schedule = make_optimizer(
@@ -284,8 +285,8 @@ class Trainer:
                                               norm_adv_by_std=cfg.algo.norm_adv_by_std))
     rng = jax.random.PRNGKey(_mix(cfg.seed, step, 2))
     rt = routing.route(ro.rewards, ro.group_ids, method=cfg.algo.name, sibling_choice=cfg.algo.sibling_choice,
-                       rng=rng)
-    grpo_B, sdpo_B, sibling_B = (np.asarray(x) for x in (rt.grpo_B, rt.sdpo_B, rt.sibling_B))
+                       rng=rng, correct_threshold=cfg.algo.correct_threshold)
+    grpo_B, sdpo_B, sibling_B, correct = (np.asarray(x) for x in (rt.grpo_B, rt.sdpo_B, rt.sibling_B, rt.correct_B))
     timings["time/reward_route_s"] = time.perf_counter() - t1
 
     # Teacher prompts: only for SDPO-routed rollouts.
@@ -344,7 +345,6 @@ class Trainer:
     lengths = np.array([len(x) for x in ro.responses])
     n_tok = max(int(lengths.sum()), 1)
     old_flat, roll_flat = old_logp[resp], roll_logp[resp]
-    correct = ro.rewards >= cfg.algo.correct_threshold
     step_metrics.update({
         M.TRAIN_REWARD_MEAN: float(ro.rewards.mean()), M.TRAIN_ACCURACY: float(correct.mean()),
         M.ROUTE_FRAC_GRPO: float((grpo_B & correct).mean()) if cfg.algo.name != "sdpo" else 0.0,
@@ -408,7 +408,7 @@ class Trainer:
       for c in group:
         text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
         scores.append(self.task.reward(text, row.answer))
-        favourite.append(_answer_letter(text))
+        favourite.append(extract_answer(text)[:8] or None)
     letters = [f for f in favourite if f]
     chance = max((letters.count(x) for x in set(letters)), default=0) / max(len(favourite), 1)
     acc = float(np.mean(scores)) if scores else 0.0
@@ -520,13 +520,3 @@ def _mix(*xs: int) -> int:
   return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
-def _answer_letter(text: str) -> Optional[str]:
-  i = text.rfind("<answer>")
-  if i < 0:
-    return None
-  j = text.find("</answer>", i)
-  return text[i + 8:j if j >= 0 else None].strip()[:8] or None
-
-
-def _cache_root() -> str:
-  return os.environ.get("SRPO_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "srpo_jax")

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import re
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from srpo_jax.algorithms import teacher
+from srpo_jax.algorithms import routing, teacher
 from srpo_jax.data.prompts import encode_text
 
 SYSTEM = "\nGiven a question and four options, please select the right answer."
@@ -78,52 +79,56 @@ def test_strip_think_equals_reference_regex(text):
   assert teacher.strip_think(text) == re.sub(r"<think>.*?</think>\s*", "", text, flags=re.DOTALL)
 
 
-def test_pick_sibling_first_never_itself():
+def _sibling(rewards, i, choice="first", key=None):
+  """The teacher's source for rollout i of one group, as the trainer picks it (`routing.route`); None if none."""
+  r = routing.route(np.asarray(rewards, np.float32), np.zeros(len(rewards), np.int32), sibling_choice=choice, rng=key)
+  j = int(r.sibling_B[i])
+  return None if j < 0 else j
+
+
+def test_sibling_first_never_itself():
   rewards = [0.0, 1.0, 1.0, 0.0]
-  assert teacher.pick_sibling(rewards, 0) == 1
-  assert teacher.pick_sibling(rewards, 1) == 2  # not itself
-  assert teacher.pick_sibling(rewards, 2) == 1
-  assert teacher.pick_sibling([0.49, 0.5, 0.0], 0) == 1  # correct means r >= 0.5
-  assert teacher.pick_sibling([0.49, 0.0], 1) is None
-  assert teacher.pick_sibling([1.0], 0) is None
+  assert _sibling(rewards, 0) == 1
+  assert _sibling(rewards, 1) == 2  # not itself
+  assert _sibling(rewards, 2) == 1
+  assert _sibling([0.49, 0.5, 0.0], 0) == 1  # correct means r >= 0.5
+  assert _sibling([0.49, 0.0], 1) is None
+  assert _sibling([1.0], 0) is None
 
 
-def test_pick_sibling_random_is_uniform_over_correct_siblings():
+def test_sibling_random_is_uniform_over_correct_siblings():
   rewards = [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
-  rng = np.random.default_rng(0)
-  picks = [teacher.pick_sibling(rewards, 0, choice="random", rng=rng) for _ in range(3000)]
+  keys = jax.random.split(jax.random.PRNGKey(0), 3000)
+  picks = [_sibling(rewards, 0, "random", k) for k in keys]
   counts = {j: picks.count(j) for j in set(picks)}
   assert set(counts) == {2, 3, 5}  # correct ones, never itself (0)
   assert all(abs(c / 3000 - 1 / 3) < 0.04 for c in counts.values())
-  again = np.random.default_rng(0)
-  assert picks[:20] == [teacher.pick_sibling(rewards, 0, choice="random", rng=again) for _ in range(20)]
-  assert teacher.pick_sibling(rewards, 1, choice="random", rng=rng) in {0, 2, 3, 5}
-  assert teacher.pick_sibling([0.0, 1.0], 1, choice="random", rng=rng) is None
+  assert picks[:20] == [_sibling(rewards, 0, "random", k) for k in keys[:20]]  # same key, same pick
+  assert _sibling(rewards, 1, "random", keys[0]) in {0, 2, 3, 5}
+  assert _sibling([0.0, 1.0], 1, "random", keys[0]) is None
 
 
-def test_pick_sibling_errors():
-  with pytest.raises(ValueError, match="needs an rng"):
-    teacher.pick_sibling([1.0, 1.0], 0, choice="random")
-  with pytest.raises(ValueError, match="'first' or 'random'"):
-    teacher.pick_sibling([1.0, 1.0], 0, choice="best")  # type: ignore[arg-type]
-  with pytest.raises(ValueError, match="outside the group"):
-    teacher.pick_sibling([1.0], 3)
+def test_sibling_errors():
+  with pytest.raises(ValueError, match="needs rng"):
+    _sibling([1.0, 1.0], 0, "random")
+  with pytest.raises(ValueError, match="sibling_choice"):
+    _sibling([1.0, 1.0], 0, "best")
 
 
 def _route(rewards, i):
   """Paper Table 7: z_SDPO = (1 - c_i) * m_i, with m_i = a correct sibling j != i exists."""
   c = rewards[i] >= 0.5
-  m = teacher.pick_sibling(rewards, i) is not None
+  m = _sibling(rewards, i) is not None
   return ("SDPO" if (not c and m) else "GRPO"), m
 
 
 def test_paper_table6_example():
   """G = 8, rollouts y2 and y3 correct (1-based), the other six wrong."""
   rewards = [0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
-  assert _route(rewards, 0) == ("SDPO", True) and teacher.pick_sibling(rewards, 0) == 1  # y1 uses y2
-  assert _route(rewards, 1) == ("GRPO", True) and teacher.pick_sibling(rewards, 1) == 2  # available, unused
-  assert _route(rewards, 2) == ("GRPO", True) and teacher.pick_sibling(rewards, 2) == 1
-  assert _route(rewards, 3) == ("SDPO", True) and teacher.pick_sibling(rewards, 3) == 1  # y4 uses y2
+  assert _route(rewards, 0) == ("SDPO", True) and _sibling(rewards, 0) == 1  # y1 uses y2
+  assert _route(rewards, 1) == ("GRPO", True) and _sibling(rewards, 1) == 2  # available, unused
+  assert _route(rewards, 2) == ("GRPO", True) and _sibling(rewards, 2) == 1
+  assert _route(rewards, 3) == ("SDPO", True) and _sibling(rewards, 3) == 1  # y4 uses y2
   assert [_route(rewards, i)[0] for i in range(8)].count("SDPO") == 6
 
 

@@ -41,7 +41,7 @@ class Route(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("method", "sibling_choice"))
 def route(rewards: jax.Array, group_ids: jax.Array, *, method: str = "srpo", sibling_choice: str = "first",
-          rng: jax.Array | None = None) -> Route:
+          rng: jax.Array | None = None, correct_threshold: float = CORRECT_THRESHOLD) -> Route:
   """Routes rollouts with rewards `[B]` and group ids `[B]` (any ints; equal id = same prompt).
 
   `rng` is required only for `sibling_choice="random"`.
@@ -55,7 +55,7 @@ def route(rewards: jax.Array, group_ids: jax.Array, *, method: str = "srpo", sib
   chex.assert_rank(rewards_B, 1)
   chex.assert_shape(gid_B, rewards_B.shape)
   num = rewards_B.shape[0]
-  correct_B = rewards_B >= CORRECT_THRESHOLD
+  correct_B = rewards_B >= correct_threshold
   # candidate_BB[i, j]: j is a correct sibling of i other than i itself. B is a few hundred, so B x B is cheap.
   same_BB = gid_B[:, None] == gid_B[None, :]
   candidate_BB = same_BB & ~jnp.eye(num, dtype=bool) & correct_B[None, :]

@@ -1,8 +1,8 @@
 """SDPO self-teacher prompts (spec "SDPO branch"): the question plus a correct sibling's solution.
 
 For a rollout `i` of a group, the teacher information is the response of a correct sibling `j != i` (correct means
-`r_j >= 0.5`; the first one in group order by default, as the SDPO code, or a random one). The teacher prompt keeps the
-original system message(s) and replaces the user turn by exactly
+`r_j >= 0.5`; `routing.route` picks it: the first in group order by default, or a random one). The teacher
+prompt keeps the original system message(s) and replaces the user turn by exactly
 
     "{original user message}\\nCorrect solution:\\n\\n{sibling response}\\n\\nCorrectly solve the original question."
 
@@ -18,13 +18,11 @@ whole (cutting the generation prompt); here only the sibling solution is cut (it
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Sequence
+from typing import Any
 
-import numpy as np
 
 from srpo_jax.data.prompts import Messages, encode_text, render_messages
 
-CORRECT_THRESHOLD = 0.5
 _THINK_OPEN = "<think>"
 _THINK_CLOSE = "</think>"
 _LEADING_SPACE_RE = re.compile(r"\s*")
@@ -67,27 +65,6 @@ def teacher_messages(messages: Messages, sibling_response: str) -> Messages:
     raise ValueError("teacher_messages expects system message(s) then exactly one user message; got roles "
                      f"{[m.get('role') for m in messages]}")
   return systems + [{"role": "user", "content": teacher_user_content(users[0]["content"], sibling_response)}]
-
-
-def pick_sibling(rewards_of_group: Sequence[float], i: int, choice: Literal["first", "random"] = "first",
-                 rng: np.random.Generator | None = None) -> int | None:
-  """Index `j != i` of a correct sibling (`r_j >= 0.5`) in the group, or None when there is none.
-
-  rewards_of_group: [G] rewards of the prompt's rollouts, in group order. choice: "first" (the SDPO default: lowest
-  index) or "random" (uniform over the correct siblings; needs `rng`).
-  """
-  if not 0 <= i < len(rewards_of_group):
-    raise ValueError(f"rollout index i={i} outside the group of {len(rewards_of_group)}")
-  candidates = [j for j, r in enumerate(rewards_of_group) if j != i and r >= CORRECT_THRESHOLD]
-  if not candidates:
-    return None
-  if choice == "first":
-    return candidates[0]
-  if choice == "random":
-    if rng is None:
-      raise ValueError("pick_sibling(choice='random') needs an rng (np.random.Generator)")
-    return candidates[int(rng.integers(len(candidates)))]
-  raise ValueError(f"sibling choice must be 'first' or 'random', got {choice!r}")
 
 
 def build_teacher_prompt_ids(messages: Messages, sibling_response: str, tokenizer: Any,

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -169,13 +169,8 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None, mesh: jax
 def save_pretrained(model: Qwen3, path: str | os.PathLike, tokenizer=None, *, dtype: str | None = None,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
   """Writes `model` as an HF directory (config.json, sharded safetensors + index, tokenizer files if given)."""
-  return export_state(model.config, lambda p: _variable(model, p).get_value(), path, tokenizer=tokenizer,
-                      dtype=dtype, max_shard_bytes=max_shard_bytes)
-
-
-def export_state(cfg: Qwen3Config, get: Callable[[tuple], jax.Array], path: str | os.PathLike, *, tokenizer=None,
-                 dtype: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
-  """Export from any accessor `get(attr_path) -> array` (a model, or a params pytree the trainer holds)."""
+  cfg = model.config
+  get = lambda attr_path: _variable(model, attr_path).get_value()
   path = os.path.abspath(os.fspath(path))
   out_dtype = as_dtype(dtype or cfg.param_dtype)
   table = list(param_table(cfg))
