@@ -1,6 +1,9 @@
 """Helpers for end-to-end tests: the tiny config made fast, and deterministic mixed rewards."""
 import importlib.util
 import os
+import socket
+import subprocess
+import sys
 import zlib
 
 from srpo_jax import config as config_lib
@@ -34,3 +37,16 @@ def coin_reward(text: str, answer: str) -> float:
   """A deterministic 0/1 'reward' of the text alone: random-init models then produce mixed groups to route."""
   del answer
   return float(zlib.crc32(text.encode("utf-8")) % 2)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_driver(run_dir, steps: int, resume: bool) -> subprocess.Popen:
+  """A real training process (tests/resume_driver.py), output captured."""
+  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  return subprocess.Popen([sys.executable, "-m", "tests.resume_driver", str(run_dir), str(steps), "1" if resume else "0"],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -1,20 +1,13 @@
 """Real multi-process JAX on CPU (gloo collectives): two processes, one mesh, a batch sharded across them."""
 import os
-import socket
 import subprocess
 import sys
 
-from tests.e2e_utils import REPO
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+from tests.e2e_utils import REPO, free_port
 
 
 def test_two_process_forward_matches_single_process():
-  port = _free_port()
+  port = free_port()
   env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(port), str(i)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]

@@ -2,8 +2,6 @@
 with bitwise-identical parameters, optimizer state and teacher (CPU)."""
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -11,15 +9,13 @@ import orbax.checkpoint as ocp
 import jax
 
 from srpo_jax import metrics as M
-from tests.e2e_utils import REPO
+from tests.e2e_utils import start_driver
 
 STEPS = 4
 
 
 def _start(run_dir, resume):
-  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  return subprocess.Popen([sys.executable, "-m", "tests.resume_driver", str(run_dir), str(STEPS), "1" if resume else "0"],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  return start_driver(run_dir, STEPS, resume)
 
 
 def _state(run_dir, step):
@@ -65,9 +61,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   run_dir = tmp_path / "term"
-  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  p = subprocess.Popen([sys.executable, "-m", "tests.resume_driver", str(run_dir), "50", "0"], cwd=REPO, env=env,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  p = start_driver(run_dir, 50, resume=False)
   first = run_dir / "checkpoints" / "1"
   deadline = time.time() + 600
   while not first.exists() and p.poll() is None and time.time() < deadline:

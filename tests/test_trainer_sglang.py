@@ -4,7 +4,6 @@ CONTRACT test: the server is tests/fake_sglang_server.py (SGLang's HTTP API subs
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,12 @@ import pytest
 import srpo_jax
 from srpo_jax import metrics as M
 from srpo_jax import trainer as trainer_lib
-from tests.e2e_utils import REPO, coin_reward, fast_config
+from tests.e2e_utils import REPO, coin_reward, fast_config, free_port
 
 
 @pytest.fixture
 def fake_server(tmp_path):
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  port = free_port()
   proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "fake_sglang_server.py"), "--model-path",
                            str(tmp_path / "none"), "--port", str(port), "--fake-vocab", "151936"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
