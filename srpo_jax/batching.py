@@ -68,17 +68,26 @@ def micro_batches(rows: np.ndarray, micro_size: int, *, ids, mask, resp, old_log
   if c_max == 0:
     return mb
   c = bucket(c_max, minimum=1)
-  resp_len = resp.shape[1]
-  t_prompt_len = bucket(max(len(teacher_prompts[g[j]]) for g, js in zip(groups, per_mb) for j in js), 16)
-  t_ids, t_mask, t_row, t_valid = [], [], [], []
-  for g, js in zip(groups, per_mb):
-    rows_c = list(js) + [0] * (c - len(js))
-    prompts = [teacher_prompts[g[j]] if k < len(js) else [] for k, j in enumerate(rows_c)]
-    resps = [responses[g[j]] if k < len(js) else [] for k, j in enumerate(rows_c)]
-    i, m, _ = sequences(prompts, resps, t_prompt_len, resp_len, pad)
-    t_ids.append(i)
-    t_mask.append(m)
-    t_row.append(np.asarray(rows_c, np.int32))
-    t_valid.append(np.arange(c) < len(js))
+  t_prompt_len = teacher_prompt_len(teacher_prompts, [g[j] for g, js in zip(groups, per_mb) for j in js])
+  t_ids, t_mask = zip(*(teacher_sequences([g[j] for j in js], teacher_prompts, responses, c, t_prompt_len,
+                                          resp.shape[1], pad) for g, js in zip(groups, per_mb)))
+  t_row = [np.asarray(list(js) + [0] * (c - len(js)), np.int32) for js in per_mb]
+  t_valid = [np.arange(c) < len(js) for js in per_mb]
   return mb._replace(t_ids=np.stack(t_ids), t_mask=np.stack(t_mask), t_row=np.stack(t_row),
                      t_valid=np.stack(t_valid))
+
+
+def teacher_prompt_len(teacher_prompts: dict[int, Sequence[int]], rows: Sequence[int]) -> int:
+  """The bucketed teacher-prompt length P_T for these rollouts."""
+  return bucket(max(len(teacher_prompts[int(r)]) for r in rows), 16)
+
+
+def teacher_sequences(rows: Sequence[int], teacher_prompts: dict[int, Sequence[int]],
+                      responses: Sequence[Sequence[int]], num_rows: int, prompt_len: int, resp_len: int,
+                      pad: int) -> tuple[np.ndarray, np.ndarray]:
+  """Rollouts `rows` re-read after their teacher prompts, padded with empty rows to `num_rows`: ids, mask
+  [num_rows, P_T + R] (teacher prompt left-padded to `prompt_len`, the same response right-padded to `resp_len`)."""
+  empty = [[]] * (num_rows - len(rows))
+  ids, mask, _ = sequences([teacher_prompts[int(r)] for r in rows] + empty,
+                           [responses[int(r)] for r in rows] + empty, prompt_len, resp_len, pad)
+  return ids, mask

@@ -315,17 +315,18 @@ class Trainer:
     order = np.arange(len(ro.rewards))
     per_mb = cfg.rollouts_per_mini_batch
     step_metrics: dict[str, float] = {}
-    acc = _Accumulator()
+    acc, outs = _Accumulator(), []
     for m in range(cfg.optimizer_steps_per_step):
       rows = order[m * per_mb:(m + 1) * per_mb]
-      den = float(losses.objective_denominator(jnp.asarray(resp[rows]), jnp.asarray(grpo_B[rows]),
-                                               jnp.asarray(sdpo_B[rows]), loss_agg=cfg.loss_agg))
+      den = losses.objective_denominator(jnp.asarray(resp[rows]), jnp.asarray(grpo_B[rows]),
+                                         jnp.asarray(sdpo_B[rows]), loss_agg=cfg.loss_agg)
       mbs = batching.micro_batches(rows, cfg.micro_batch_size, ids=ids, mask=mask, resp=resp, old_logp=old_logp,
                                    roll_logp=roll_logp, adv=adv, grpo=grpo_B, sdpo=sdpo_B, dw=dw,
                                    teacher_prompts=teacher_prompts, responses=ro.responses, pad=self.pad)
-      self.params, self.opt_state, out = self.fns.update(self.params, self.opt_state, self.teacher, mbs,
-                                                         jnp.float32(den))
-      acc.add(jax.device_get(out))
+      self.params, self.opt_state, out = self.fns.update(self.params, self.opt_state, self.teacher, mbs, den)
+      outs.append(out)
+    for out in jax.device_get(outs):  # one host sync for the whole step
+      acc.add(out)
     upd = acc.result()
     finite = upd.pop("all_finite")
     timings["time/update_s"] = time.perf_counter() - t3
@@ -371,30 +372,31 @@ class Trainer:
     return float(self.schedule(int(count)))
 
   def _prepare(self, ids, mask, resp, sdpo_B, teacher_prompts, responses, r_len):
-    """π_old log-probs for every rollout; DW weights from the EMA teacher's entropy (srpo only)."""
-    need_teacher = self.cfg.algo.uses_dynamic_weighting and bool(sdpo_B.any())
-    t_ids = t_mask = None
+    """π_old log-probs for every rollout; DW weights from the EMA teacher's entropy (srpo only).
+
+    The teacher rows are padded to a bucket, so DW is computed on bucketed shapes (no new program per step).
+    """
     rows = np.flatnonzero(sdpo_B)
+    need_teacher = self.cfg.algo.uses_dynamic_weighting and len(rows) > 0
+    t_ids = t_mask = None
     if need_teacher:
       c = batching.bucket(len(rows), 1)
-      tp_len = batching.bucket(max(len(teacher_prompts[int(i)]) for i in rows), 16)
-      plist = [teacher_prompts[int(i)] for i in rows] + [[]] * (c - len(rows))
-      rlist = [responses[int(i)] for i in rows] + [[]] * (c - len(rows))
-      t_ids, t_mask, _ = batching.sequences(plist, rlist, tp_len, r_len, self.pad)
+      t_ids, t_mask = batching.teacher_sequences(rows, teacher_prompts, responses, c,
+                                                 batching.teacher_prompt_len(teacher_prompts, rows), r_len, self.pad)
     old_logp, t_ent = self.fns.prepare(self.params, self.teacher, ids, mask, t_ids, t_mask, resp_len=r_len)
     old_logp = np.asarray(old_logp)
     dw = np.ones(resp.shape, np.float32)
-    stats: dict[str, float] = {}
-    if need_teacher:
-      t_ent = np.asarray(t_ent)[:len(rows)]
-      t_resp = resp[rows]
-      w = np.asarray(losses.dw_weights(jnp.asarray(t_ent), jnp.asarray(t_resp), self.cfg.algo.dw_beta))
-      dw[rows] = np.where(t_resp, w, 1.0)
-      on = t_ent[t_resp]
-      if on.size:
-        stats = {M.TEACHER_ENTROPY_MEAN: float(on.mean()), "dw/min": float(w[t_resp].min()),
-                 "dw/mean": float(w[t_resp].mean()), "dw/max": float(w[t_resp].max())}
-    return old_logp, dw, stats
+    if not need_teacher:
+      return old_logp, dw, {}
+    on_cR = np.zeros(t_ent.shape, bool)  # Ω: the valid tokens of the SDPO-routed rollouts (padding rows off)
+    on_cR[:len(rows)] = resp[rows]
+    w = np.asarray(losses.dw_weights(t_ent, jnp.asarray(on_cR), self.cfg.algo.dw_beta))
+    dw[rows] = np.where(on_cR, w, 1.0)[:len(rows)]
+    if not on_cR.any():
+      return old_logp, dw, {}
+    ent = np.asarray(t_ent)[on_cR]
+    return old_logp, dw, {M.TEACHER_ENTROPY_MEAN: float(ent.mean()), "dw/min": float(w[on_cR].min()),
+                          "dw/mean": float(w[on_cR].mean()), "dw/max": float(w[on_cR].max())}
 
   # -- 3. evaluation -------------------------------------------------------------------------------------------------
   def evaluate(self, step: int) -> dict[str, float]:
