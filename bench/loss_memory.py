@@ -6,12 +6,14 @@ log-prob, the top-k JSD, an entropy term, the teacher entropy as a stop-gradient
 respect to the student hidden states and the head weight. Time is the median of a few runs after a warm-up.
 
 Memory is read from the compiled program (`memory_analysis()`), in three parts: arguments (the two float32 `[D, V]`
-head weights, the hidden states, ids, advantages), outputs (the loss, the `[N, D]` hidden-state gradient and the
+head weights, the hidden states, ids, advantages), outputs (the loss, the `[X, D]` hidden-state gradient and the
 float32 `[D, V]` weight gradient) and temporaries. "peak" is temporaries + outputs: the memory the computation needs
 beyond its inputs. The arguments are excluded from it because both heads receive the very same arrays, which the
 model holds anyway (the weights) or has produced before the head runs (the hidden states); they are printed in their
 own column, and the all-inclusive ratio (arguments + outputs + temporaries) is printed too. The outputs are counted:
 the `[D, V]` weight gradient is memory the backward creates.
+
+Letters (the alphabet of `srpo_jax.models.qwen3`): X flattened tokens, D model width, V vocabulary.
 
 Run: `.venv/bin/python bench/loss_memory.py [--tokens 4096 --vocab 151936 --hidden 1024 --tile 256]`.
 The last two lines are `peak memory ratio fused/naive: <x>` and `time ratio fused/naive: <x>`.
@@ -26,32 +28,32 @@ import jax
 import jax.numpy as jnp
 
 from srpo_jax.algorithms import losses
-from srpo_jax.kernels import fused_head, head_divergence
+from srpo_jax.kernels import fused_head as fh
 
-K = 100
-
-
-def naive_loss(h_ND, w_DV, ht_ND, wt_DV, ids_N, adv_N):
-  """Full `[N, V]` logits for student and teacher."""
-  z_NV = jnp.dot(h_ND, w_DV, preferred_element_type=jnp.float32)
-  zt_NV = jax.lax.stop_gradient(jnp.dot(ht_ND, wt_DV, preferred_element_type=jnp.float32))
-  logp_NV = jax.nn.log_softmax(z_NV)
-  logp_N = jnp.take_along_axis(logp_NV, ids_N[:, None], axis=-1)[:, 0]
-  entropy_N = -jnp.sum(jnp.exp(logp_NV) * logp_NV, axis=-1)
-  tlogp_NV = jax.nn.log_softmax(zt_NV)
-  t_entropy_N = -jnp.sum(jnp.exp(tlogp_NV) * tlogp_NV, axis=-1)
-  jsd_N = losses.topk_jsd(z_NV, zt_NV, k=K)
-  return _combine(logp_N, entropy_N, jsd_N, t_entropy_N, adv_N)
+TOP_K = 100
 
 
-def fused_loss(h_ND, w_DV, ht_ND, wt_DV, ids_N, adv_N, tile):
-  out = fused_head(h_ND, w_DV, ids_N, ht_ND, teacher_head_weight_DV=wt_DV, k=K, tile_size=tile)
-  return _combine(out.logp_N, out.entropy_N, head_divergence(out), out.teacher_entropy_N, adv_N)
+def naive_loss(h_XD, w_DV, ht_XD, wt_DV, ids_X, adv_X):
+  """Full `[X, V]` logits for student and teacher."""
+  z_XV = jnp.dot(h_XD, w_DV, preferred_element_type=jnp.float32)
+  zt_XV = jax.lax.stop_gradient(jnp.dot(ht_XD, wt_DV, preferred_element_type=jnp.float32))
+  logp_XV = jax.nn.log_softmax(z_XV)
+  logp_X = jnp.take_along_axis(logp_XV, ids_X[:, None], axis=-1)[:, 0]
+  entropy_X = -jnp.sum(jnp.exp(logp_XV) * logp_XV, axis=-1)
+  tlogp_XV = jax.nn.log_softmax(zt_XV)
+  t_entropy_X = -jnp.sum(jnp.exp(tlogp_XV) * tlogp_XV, axis=-1)
+  jsd_X = losses.topk_jsd(z_XV, zt_XV, k=TOP_K)
+  return _combine(logp_X, entropy_X, jsd_X, t_entropy_X, adv_X)
 
 
-def _combine(logp_N, entropy_N, jsd_N, t_entropy_N, adv_N):
-  dw_N = jax.lax.stop_gradient(jnp.exp(-t_entropy_N))
-  return jnp.mean(-adv_N * logp_N) + jnp.mean(dw_N * jsd_N) + 1e-3 * jnp.mean(entropy_N)
+def fused_loss(h_XD, w_DV, ht_XD, wt_DV, ids_X, adv_X, tile):
+  out = fh.fused_head(h_XD, w_DV, ids_X, ht_XD, teacher_head_weight_DV=wt_DV, k=TOP_K, tile_size=tile)
+  return _combine(out.logp_X, out.entropy_X, losses.head_divergence(out), out.teacher_entropy_X, adv_X)
+
+
+def _combine(logp_X, entropy_X, jsd_X, t_entropy_X, adv_X):
+  dw_X = jax.lax.stop_gradient(jnp.exp(-t_entropy_X))
+  return jnp.mean(-adv_X * logp_X) + jnp.mean(dw_X * jsd_X) + 1e-3 * jnp.mean(entropy_X)
 
 
 def measure(fn, args, runs):
@@ -82,8 +84,7 @@ def main():
   parser.add_argument("--runs", type=int, default=3)
   parser.add_argument("--memory_only", action="store_true", help="compile and report memory, do not run")
   args = parser.parse_args()
-  from srpo_jax.kernels import DEFAULT_TILE_SIZE
-  tile = args.tile or DEFAULT_TILE_SIZE
+  tile = args.tile or fh.DEFAULT_TILE_SIZE
   keys = jax.random.split(jax.random.key(0), 6)
   n, d, v = args.tokens, args.hidden, args.vocab
   inputs = (jax.random.normal(keys[0], (n, d)), jax.random.normal(keys[1], (d, v)) * d ** -0.5,
@@ -93,7 +94,7 @@ def main():
   results = {name: measure(fn, inputs, 0 if args.memory_only else args.runs)
              for name, fn in (("naive", naive_loss), ("fused", fused))}
   mib = lambda x: f"{x / 2**20:10.1f}"
-  print(f"tokens={n} vocab={v} hidden={d} k={K} tile={tile} backend={jax.default_backend()} "
+  print(f"tokens={n} vocab={v} hidden={d} k={TOP_K} tile={tile} backend={jax.default_backend()} "
         f"devices={jax.device_count()} (forward + backward w.r.t. hidden and head weight, float32)")
   print("| head  | args MiB   | outputs MiB | temp MiB   | peak MiB (temp + outputs) | all MiB (+ args) | median s |")
   print("|-------|------------|-------------|------------|---------------------------|------------------|----------|")

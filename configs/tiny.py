@@ -1,9 +1,10 @@
 """The embedded CPU default (`make demo`): a tiny random-init Qwen3 learning the synthetic task in minutes.
 
 Real Qwen3 vocabulary (151,936) and the bundled tokenizer, so the whole pipeline (chat template, rewards, routing,
-teacher reprompting, checkpoints) is the one the GPU configs run; only the width (d=64, 2 layers) is tiny. A model
-trained from scratch needs a learning rate ~100x the paper's 5e-6, hence 5e-4, and a short supervised format
-warm-start so that some rollouts are correct at all (otherwise every group is all-wrong and SRPO has nothing to route).
+teacher reprompting, checkpoints) is the one the GPU configs run; only the shape is tiny (the "tiny" preset of
+`srpo_jax.models.qwen3.PRESETS`: d=64, 2 layers). A model trained from scratch needs a learning rate far above the
+paper's 5e-6, hence 1e-3, and a short supervised format warm-start so that some rollouts are correct at all
+(otherwise every group is all-wrong and SRPO has nothing to route).
 """
 from srpo_jax import config
 
@@ -12,14 +13,7 @@ def get_config(param: str = ""):
   del param
   c = config.get_base_config()
   c.run_dir = "runs/tiny"
-  c.model.random_init = "tiny"  # dims below = qwen3.PRESETS["tiny"]
-  c.model.hidden_size = 64
-  c.model.num_layers = 2
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 2
-  c.model.head_dim = 16
-  c.model.intermediate_size = 128
-  c.model.tie_word_embeddings = True
+  c.model.random_init = "tiny"  # dimensions: qwen3.PRESETS["tiny"] (override any with --config.model.hidden_size=...)
   c.model.dtype = "float32"  # CPU: bf16 matmuls are emulated and slower.
   c.model.param_dtype = "float32"
   c.data.task = "synthetic"

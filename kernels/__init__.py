@@ -1,4 +1,5 @@
-"""Kernels with pure-XLA implementations (Pallas variants may come later); import as `srpo_jax.kernels`."""
-from srpo_jax.kernels.fused_head import DEFAULT_TILE_SIZE, HeadOutputs, fused_head, fused_topk_jsd, head_divergence
+"""Kernels with pure-XLA implementations (Pallas variants may come later); import as `srpo_jax.kernels`.
 
-__all__ = ["DEFAULT_TILE_SIZE", "HeadOutputs", "fused_head", "fused_topk_jsd", "head_divergence"]
+Nothing is re-exported here, so `from srpo_jax.kernels import fused_head as fh` is the module and
+`fh.fused_head(...)` the function.
+"""

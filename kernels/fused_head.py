@@ -1,4 +1,4 @@
-"""Fused, token-tiled LM head: everything the losses need from the logits, without `[N, V]` logits.
+"""Fused, token-tiled LM head: everything the losses need from the logits, without `[X, V]` logits.
 
 Per response token the train step needs: the sampled token's log-prob (GRPO ratio), the student entropy (metric /
 entropy bonus), the student's top-k vocabulary indices with the student's log-probs there plus the tail bucket, the
@@ -12,11 +12,15 @@ added `DEFAULT_VOCAB_CHUNK` vocabulary columns at a time when D > tile, because 
 product before adding it (see `_add_outer_by_columns`). Pallas variants may replace the tile bodies later; this
 pure-XLA version is the reference.
 
-How the losses are formed without recomputing logits (what `head_divergence` does):
-  `topk_jsd(h @ W, h_T @ W_T, k, α)  ==  generalized_jsd(out.student_topk_logp, out.teacher_topk_logp, α)`
-and the GRPO / SDPO IS ratios use `out.logp`. Values and gradients match the unfused path (tests/test_fused_head.py).
+This module also owns the tail-bucket maths (`TAIL_LSE_MAX`, `tail_log_prob`, `topk_logprobs_with_tail`), which the
+losses module (algorithms/losses.py) re-exports, and `head_entropy`, the teacher-entropy half alone (no gradient, no
+top-k). It imports nothing from the algorithms package. How the losses are formed without recomputing logits (what
+`losses.head_divergence` does):
+  `topk_jsd(h @ W, h_T @ W_T, k, α)  ==  generalized_jsd(out.student_topk_logp_XE1, out.teacher_topk_logp_XE1, α)`
+and the GRPO / SDPO IS ratios use `out.logp_X`. Values and gradients match the unfused path (tests/test_fused_head.py).
 
-Letters: N tokens (flattened B·T), D model width, V vocabulary, K top-k, K1 = K + 1 (tail bucket last).
+Letters (the alphabet of `srpo_jax.models.qwen3`): X flattened tokens (B·T), D model width, V vocabulary, E top-k
+entries, E1 = E + 1 (tail bucket last); a lowercase t is the rows of one token tile.
 """
 from __future__ import annotations
 
@@ -27,7 +31,6 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from srpo_jax.algorithms import losses
 
 # bench/loss_memory.py (4,096 tokens, V = 151,936, D = 1,024, CPU): tile 256 runs forward + backward in about the
 # naive time with 450 MiB of temporaries (three float32 [256, V] logits-sized buffers in the forward tile body).
@@ -35,18 +38,42 @@ DEFAULT_TILE_SIZE = 256
 # Vocabulary columns per head-weight-gradient update in the backward (see `_add_outer_by_columns`): [D, chunk] float32
 # temporaries (32 MiB at D = 1,024), few enough loop iterations to cost nothing measurable.
 DEFAULT_VOCAB_CHUNK = 8192
+TAIL_LSE_MAX = -1e-7  # spec: tail = log(-expm1(min(logsumexp(top-k), -1e-7))).
 
 
 class HeadOutputs(NamedTuple):
   """Per-token outputs of `fused_head`; teacher fields are None without a teacher."""
-  logp_N: jax.Array                    # log π_θ(y_t), float32.
-  entropy_N: jax.Array                 # student entropy over the full vocabulary, float32.
-  topk_idx_NK: jax.Array               # student top-k vocabulary indices, int32 (descending logits).
-  student_topk_logp_NK1: jax.Array     # student log-probs at the top-k, then log(1 - Σ p) (tail bucket).
-  teacher_topk_logp_NK1: Optional[jax.Array] = None  # teacher log-probs at the student's top-k, then its tail.
-  teacher_entropy_N: Optional[jax.Array] = None      # teacher entropy over the full vocabulary.
+  logp_X: jax.Array                    # log π_θ(y_t), float32.
+  entropy_X: jax.Array                 # student entropy over the full vocabulary, float32.
+  topk_idx_XE: jax.Array               # student top-k vocabulary indices, int32 (descending logits).
+  student_topk_logp_XE1: jax.Array     # student log-probs at the top-k, then log(1 - Σ p) (tail bucket).
+  teacher_topk_logp_XE1: Optional[jax.Array] = None  # teacher log-probs at the student's top-k, then its tail.
+  teacher_entropy_X: Optional[jax.Array] = None      # teacher entropy over the full vocabulary.
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The tail bucket: top-k log-probs to a distribution (the SDPO divergence's support).
+# ---------------------------------------------------------------------------------------------------------------
+def tail_log_prob(topk_logp: jax.Array) -> jax.Array:
+  """`log(1 - Σ_e p)` over the last axis `[..., E] -> [...]`, as `log(-expm1(min(logsumexp, -1e-7)))`."""
+  lse = jax.nn.logsumexp(topk_logp, axis=-1)
+  return jnp.log(-jnp.expm1(jnp.minimum(lse, TAIL_LSE_MAX)))
+
+
+def topk_logprobs_with_tail(topk_logp: jax.Array, *, add_tail: bool = True) -> jax.Array:
+  """Top-k log-probs `[..., E]` (normalised over the full vocabulary) to a distribution's log-probs.
+
+  `add_tail=True`: `[..., E1]`, the tail bucket appended (no renormalisation). `add_tail=False`: `[..., E]`
+  renormalised over the top-k (the SDPO code's behaviour without a tail).
+  """
+  if add_tail:
+    return jnp.concatenate([topk_logp, tail_log_prob(topk_logp)[..., None]], axis=-1)
+  return topk_logp - jax.nn.logsumexp(topk_logp, axis=-1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiling helpers and the tile body shared by the student, the teacher and `head_entropy`.
+# ---------------------------------------------------------------------------------------------------------------
 def _tile_logits(h_tD: jax.Array, w_DV: jax.Array, temperature: float) -> jax.Array:
   # float32 accumulation: the log-sum-exp over 151,936 entries and the tail mass need it.
   return jnp.dot(h_tD, w_DV, preferred_element_type=jnp.float32) / temperature
@@ -57,8 +84,16 @@ def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
   return x if pad == 0 else jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
 
 
+def _tiling(caller: str, num: int, tile_size: int) -> tuple[int, int]:
+  """(tile rows, padded row count) for `num` rows: the tile shrinks to `num` when smaller; padded % tile == 0."""
+  if tile_size <= 0:
+    raise ValueError(f"{caller}: tile_size must be > 0, got {tile_size}")
+  tile = min(tile_size, max(num, 1))
+  return tile, -(-num // tile) * tile
+
+
 def _tiles(x: jax.Array, tile: int) -> jax.Array:
-  """`[N_padded, ...] -> [N_padded / tile, tile, ...]` for `lax.scan`."""
+  """`[X_padded, ...] -> [X_padded / tile, tile, ...]` for `lax.scan`."""
   return x.reshape((x.shape[0] // tile, tile) + x.shape[1:])
 
 
@@ -66,9 +101,6 @@ def _untile(x: jax.Array) -> jax.Array:
   return x.reshape((-1,) + x.shape[2:])
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Student: differentiable, custom VJP that recomputes one tile's logits in the backward.
-# ---------------------------------------------------------------------------------------------------------------
 def _lse_and_entropy(z_tV):
   """Log-sum-exp and entropy of softmax(z) per row from a single pass of exponentials (the costly part on CPU):
   with e = exp(z - max), lse = max + log Σe and H = lse - Σ e·z / Σ e."""
@@ -81,54 +113,57 @@ def _lse_and_entropy(z_tV):
   return lse_t, entropy_t
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Student: differentiable, custom VJP that recomputes one tile's logits in the backward.
+# ---------------------------------------------------------------------------------------------------------------
 def _student_tile_forward(h_tD, w_DV, ids_t, k, temperature):
   z_tV = _tile_logits(h_tD, w_DV, temperature)
   lse_t, entropy_t = _lse_and_entropy(z_tV)
   logp_t = jnp.take_along_axis(z_tV, ids_t[:, None], axis=-1)[:, 0] - lse_t
-  vals_tK, idx_tK = jax.lax.top_k(z_tV, k)
-  topk_tK1 = losses.topk_logprobs_with_tail(vals_tK - lse_t[:, None], add_tail=True)
-  return logp_t, entropy_t, idx_tK.astype(jnp.int32), topk_tK1, lse_t
+  vals_tE, idx_tE = jax.lax.top_k(z_tV, k)
+  topk_tE1 = topk_logprobs_with_tail(vals_tE - lse_t[:, None], add_tail=True)
+  return logp_t, entropy_t, idx_tE.astype(jnp.int32), topk_tE1, lse_t
 
 
-def _student_scan(h_ND, w_DV, ids_N, k, temperature, tile):
+def _student_scan(h_XD, w_DV, ids_X, k, temperature, tile):
   def body(_, xs):
     h_tD, ids_t = xs
     return None, _student_tile_forward(h_tD, w_DV, ids_t, k, temperature)
-  _, ys = jax.lax.scan(body, None, (_tiles(h_ND, tile), _tiles(ids_N, tile)))
+  _, ys = jax.lax.scan(body, None, (_tiles(h_XD, tile), _tiles(ids_X, tile)))
   return tuple(_untile(y) for y in ys)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _student_head(h_ND, w_DV, ids_N, k, temperature, tile, vocab_chunk):
-  logp_N, entropy_N, idx_NK, topk_NK1, _ = _student_scan(h_ND, w_DV, ids_N, k, temperature, tile)
-  return logp_N, entropy_N, idx_NK, topk_NK1
+def _student_head(h_XD, w_DV, ids_X, k, temperature, tile, vocab_chunk):
+  logp_X, entropy_X, idx_XE, topk_XE1, _ = _student_scan(h_XD, w_DV, ids_X, k, temperature, tile)
+  return logp_X, entropy_X, idx_XE, topk_XE1
 
 
-def _student_head_fwd(h_ND, w_DV, ids_N, k, temperature, tile, vocab_chunk):
+def _student_head_fwd(h_XD, w_DV, ids_X, k, temperature, tile, vocab_chunk):
   del vocab_chunk  # backward only.
-  logp_N, entropy_N, idx_NK, topk_NK1, lse_N = _student_scan(h_ND, w_DV, ids_N, k, temperature, tile)
-  residuals = (h_ND, w_DV, ids_N, lse_N, entropy_N, idx_NK, topk_NK1)
-  return (logp_N, entropy_N, idx_NK, topk_NK1), residuals
+  logp_X, entropy_X, idx_XE, topk_XE1, lse_X = _student_scan(h_XD, w_DV, ids_X, k, temperature, tile)
+  residuals = (h_XD, w_DV, ids_X, lse_X, entropy_X, idx_XE, topk_XE1)
+  return (logp_X, entropy_X, idx_XE, topk_XE1), residuals
 
 
-def _logit_cotangent(z_tV, lse_t, entropy_t, ids_t, idx_tK, topk_tK1, g_logp_t, g_ent_t, g_topk_tK1):
+def _logit_cotangent(z_tV, lse_t, entropy_t, ids_t, idx_tE, topk_tE1, g_logp_t, g_ent_t, g_topk_tE1):
   """d(outputs)/d(scaled logits) contracted with the output cotangents, for one tile `[t, V]`.
 
   With p = softmax(z), log p = z - lse:  d log p_y = e_y - p;  dH = -p (log p + H);  d topk_j = e_{i_j} - p;
   the tail `log(1 - S)`, S = Σ_j p_{i_j}, has d tail / d topk_j = -p_{i_j} / (1 - S) while the clamp
   `min(logsumexp, -1e-7)` is inactive, else 0.
   """
-  num_k = idx_tK.shape[-1]
-  topk_lse_t = jax.nn.logsumexp(topk_tK1[:, :num_k], axis=-1)
-  tail_active_t = (topk_lse_t < losses.TAIL_LSE_MAX).astype(jnp.float32)
-  g_tail_t = g_topk_tK1[:, num_k] * tail_active_t
-  g_k_tK = g_topk_tK1[:, :num_k] - g_tail_t[:, None] * jnp.exp(topk_tK1[:, :num_k] - topk_tK1[:, num_k:])
+  num_e = idx_tE.shape[-1]
+  topk_lse_t = jax.nn.logsumexp(topk_tE1[:, :num_e], axis=-1)
+  tail_active_t = (topk_lse_t < TAIL_LSE_MAX).astype(jnp.float32)
+  g_tail_t = g_topk_tE1[:, num_e] * tail_active_t
+  g_k_tE = g_topk_tE1[:, :num_e] - g_tail_t[:, None] * jnp.exp(topk_tE1[:, :num_e] - topk_tE1[:, num_e:])
   logp_tV = z_tV - lse_t[:, None]
   p_tV = jnp.exp(logp_tV)
-  dz_tV = -p_tV * ((g_logp_t + jnp.sum(g_k_tK, axis=-1))[:, None] + g_ent_t[:, None] * (logp_tV + entropy_t[:, None]))
+  dz_tV = -p_tV * ((g_logp_t + jnp.sum(g_k_tE, axis=-1))[:, None] + g_ent_t[:, None] * (logp_tV + entropy_t[:, None]))
   rows_t = jnp.arange(z_tV.shape[0])
   dz_tV = dz_tV.at[rows_t, ids_t].add(g_logp_t)
-  return dz_tV.at[rows_t[:, None], idx_tK].add(g_k_tK)
+  return dz_tV.at[rows_t[:, None], idx_tE].add(g_k_tE)
 
 
 def _add_outer_by_columns(acc_DV: jax.Array, h_tD: jax.Array, g_tV: jax.Array, chunk: int) -> jax.Array:
@@ -161,97 +196,91 @@ def _add_outer_by_columns(acc_DV: jax.Array, h_tD: jax.Array, g_tV: jax.Array, c
 
 
 def _student_head_bwd(k, temperature, tile, vocab_chunk, residuals, cotangents):
-  h_ND, w_DV, ids_N, lse_N, entropy_N, idx_NK, topk_NK1 = residuals
-  g_logp_N, g_ent_N, _, g_topk_NK1 = cotangents  # the int top-k indices carry no cotangent.
+  h_XD, w_DV, ids_X, lse_X, entropy_X, idx_XE, topk_XE1 = residuals
+  g_logp_X, g_ent_X, _, g_topk_XE1 = cotangents  # the int top-k indices carry no cotangent.
 
   def body(dw_DV, xs):
-    h_tD, ids_t, lse_t, ent_t, idx_tK, topk_tK1, g_logp_t, g_ent_t, g_topk_tK1 = xs
+    h_tD, ids_t, lse_t, ent_t, idx_tE, topk_tE1, g_logp_t, g_ent_t, g_topk_tE1 = xs
     z_tV = _tile_logits(h_tD, w_DV, temperature)
-    dz_tV = _logit_cotangent(z_tV, lse_t, ent_t, ids_t, idx_tK, topk_tK1, g_logp_t, g_ent_t, g_topk_tK1)
+    dz_tV = _logit_cotangent(z_tV, lse_t, ent_t, ids_t, idx_tE, topk_tE1, g_logp_t, g_ent_t, g_topk_tE1)
     dlogits_tV = dz_tV / temperature
     dh_tD = jnp.dot(dlogits_tV, w_DV.T.astype(jnp.float32), preferred_element_type=jnp.float32)
-    return _add_outer_by_columns(dw_DV, h_tD, dlogits_tV, vocab_chunk), dh_tD.astype(h_ND.dtype)
+    return _add_outer_by_columns(dw_DV, h_tD, dlogits_tV, vocab_chunk), dh_tD.astype(h_XD.dtype)
 
-  xs = tuple(_tiles(x, tile) for x in (h_ND, ids_N, lse_N, entropy_N, idx_NK, topk_NK1, g_logp_N, g_ent_N,
-                                       g_topk_NK1))
-  dw_DV, dh_nD = jax.lax.scan(body, jnp.zeros(w_DV.shape, jnp.float32), xs)
-  return _untile(dh_nD), dw_DV.astype(w_DV.dtype), None
+  xs = tuple(_tiles(x, tile) for x in (h_XD, ids_X, lse_X, entropy_X, idx_XE, topk_XE1, g_logp_X, g_ent_X,
+                                       g_topk_XE1))
+  dw_DV, dh_XD = jax.lax.scan(body, jnp.zeros(w_DV.shape, jnp.float32), xs)
+  return _untile(dh_XD), dw_DV.astype(w_DV.dtype), None
 
 
 _student_head.defvjp(_student_head_fwd, _student_head_bwd)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Teacher: forward only (stop-gradient).
+# Teacher: forward only (the callers stop the gradient).
 # ---------------------------------------------------------------------------------------------------------------
-def _teacher_head(h_ND, w_DV, idx_NK, temperature, tile):
+def _teacher_head(h_XD, w_DV, idx_XE, temperature, tile):
   def body(_, xs):
-    h_tD, idx_tK = xs
+    h_tD, idx_tE = xs
     z_tV = _tile_logits(h_tD, w_DV, temperature)
     lse_t, entropy_t = _lse_and_entropy(z_tV)
-    topk_tK1 = losses.topk_logprobs_with_tail(jnp.take_along_axis(z_tV, idx_tK, axis=-1) - lse_t[:, None],
-                                              add_tail=True)
-    return None, (topk_tK1, entropy_t)
-  _, (topk, entropy) = jax.lax.scan(body, None, (_tiles(h_ND, tile), _tiles(idx_NK, tile)))
+    topk_tE1 = topk_logprobs_with_tail(jnp.take_along_axis(z_tV, idx_tE, axis=-1) - lse_t[:, None], add_tail=True)
+    return None, (topk_tE1, entropy_t)
+  _, (topk, entropy) = jax.lax.scan(body, None, (_tiles(h_XD, tile), _tiles(idx_XE, tile)))
   return _untile(topk), _untile(entropy)
+
+
+def _entropy_scan(h_XD, w_DV, temperature, tile):
+  def body(_, h_tD):
+    return None, _lse_and_entropy(_tile_logits(h_tD, w_DV, temperature))[1]
+  _, entropy = jax.lax.scan(body, None, _tiles(h_XD, tile))
+  return _untile(entropy)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Public API.
 # ---------------------------------------------------------------------------------------------------------------
-def fused_head(student_hidden_ND: jax.Array, head_weight_DV: jax.Array, token_ids_N: jax.Array,
-               teacher_hidden_ND: Optional[jax.Array] = None, *, teacher_head_weight_DV: Optional[jax.Array] = None,
+def fused_head(student_hidden_XD: jax.Array, head_weight_DV: jax.Array, token_ids_X: jax.Array,
+               teacher_hidden_XD: Optional[jax.Array] = None, *, teacher_head_weight_DV: Optional[jax.Array] = None,
                k: int = 100, temperature: float = 1.0, tile_size: int = DEFAULT_TILE_SIZE) -> HeadOutputs:
-  """Head statistics per token without materialising `[N, V]` logits (see the module docstring).
+  """Head statistics per token without materialising `[X, V]` logits (see the module docstring); E = k.
 
-  Logits are `hidden @ head_weight / temperature`. Gradients flow to `student_hidden_ND` and `head_weight_DV`
-  through `logp_N`, `entropy_N` and `student_topk_logp_NK1`. The teacher (its hidden states aligned to the same N
+  Logits are `hidden @ head_weight / temperature`. Gradients flow to `student_hidden_XD` and `head_weight_DV`
+  through `logp_X`, `entropy_X` and `student_topk_logp_XE1`. The teacher (its hidden states aligned to the same X
   response tokens; its head weight defaults to the student's, e.g. tied or at EMA initialisation) is stop-gradient.
-  `N` need not divide `tile_size` (rows are zero-padded and dropped).
+  `X` need not divide `tile_size` (rows are zero-padded and dropped).
   """
-  num, width = student_hidden_ND.shape
+  num, width = student_hidden_XD.shape
   chex.assert_shape(head_weight_DV, (width, None))
-  chex.assert_shape(token_ids_N, (num,))
+  chex.assert_shape(token_ids_X, (num,))
   vocab = head_weight_DV.shape[1]
   if not 0 < k <= vocab:
     raise ValueError(f"fused_head: k must be in [1, V={vocab}], got {k}")
-  if tile_size <= 0:
-    raise ValueError(f"fused_head: tile_size must be > 0, got {tile_size}")
-  tile = min(tile_size, max(num, 1))
-  padded = -(-num // tile) * tile
-  logp, entropy, idx, topk = _student_head(_pad_rows(student_hidden_ND, padded), head_weight_DV,
-                                           _pad_rows(token_ids_N.astype(jnp.int32), padded), k, float(temperature),
+  tile, padded = _tiling("fused_head", num, tile_size)
+  logp, entropy, idx, topk = _student_head(_pad_rows(student_hidden_XD, padded), head_weight_DV,
+                                           _pad_rows(token_ids_X.astype(jnp.int32), padded), k, float(temperature),
                                            tile, DEFAULT_VOCAB_CHUNK)
   out = HeadOutputs(logp[:num], entropy[:num], idx[:num], topk[:num])
-  if teacher_hidden_ND is None:
+  if teacher_hidden_XD is None:
     return out
-  chex.assert_shape(teacher_hidden_ND, (num, width))
+  chex.assert_shape(teacher_hidden_XD, (num, width))
   t_weight = head_weight_DV if teacher_head_weight_DV is None else teacher_head_weight_DV
   chex.assert_shape(t_weight, (width, vocab))
-  t_topk, t_entropy = _teacher_head(jax.lax.stop_gradient(_pad_rows(teacher_hidden_ND, padded)),
+  t_topk, t_entropy = _teacher_head(jax.lax.stop_gradient(_pad_rows(teacher_hidden_XD, padded)),
                                     jax.lax.stop_gradient(t_weight), idx, float(temperature), tile)
-  return out._replace(teacher_topk_logp_NK1=t_topk[:num], teacher_entropy_N=t_entropy[:num])
+  return out._replace(teacher_topk_logp_XE1=t_topk[:num], teacher_entropy_X=t_entropy[:num])
 
 
-def head_divergence(out: HeadOutputs, *, alpha: float = 0.5, add_tail: bool = True) -> jax.Array:
-  """Per-token SDPO divergence `[N]` from `fused_head` outputs; equals `losses.topk_jsd` on the full logits."""
-  if out.teacher_topk_logp_NK1 is None:
-    raise ValueError("head_divergence: fused_head was called without teacher_hidden_ND")
-  student, teacher = out.student_topk_logp_NK1, out.teacher_topk_logp_NK1
-  if not add_tail:
-    # Drop the tail and renormalise the top-k, as `losses.topk_logprobs_with_tail(add_tail=False)`.
-    num_k = out.topk_idx_NK.shape[-1]
-    student = losses.topk_logprobs_with_tail(student[..., :num_k], add_tail=False)
-    teacher = losses.topk_logprobs_with_tail(teacher[..., :num_k], add_tail=False)
-  return losses.generalized_jsd(student, teacher, alpha=alpha)
+def head_entropy(hidden_XD: jax.Array, head_weight_DV: jax.Array, *, temperature: float = 1.0,
+                 tile_size: int = DEFAULT_TILE_SIZE) -> jax.Array:
+  """Entropy of `softmax(hidden @ head_weight / temperature)` per token `[X]`, float32, without `[X, V]` logits.
 
-
-def fused_topk_jsd(student_hidden_ND: jax.Array, head_weight_DV: jax.Array, teacher_hidden_ND: jax.Array, *,
-                   teacher_head_weight_DV: Optional[jax.Array] = None, k: int = 100, alpha: float = 0.5,
-                   add_tail: bool = True, temperature: float = 1.0,
-                   tile_size: int = DEFAULT_TILE_SIZE) -> jax.Array:
-  """`losses.topk_jsd(h @ W, h_T @ W_T, ...)` `[N]` through the fused head (no `[N, V]` array)."""
-  ids = jnp.zeros(student_hidden_ND.shape[:1], jnp.int32)
-  out = fused_head(student_hidden_ND, head_weight_DV, ids, teacher_hidden_ND,
-                   teacher_head_weight_DV=teacher_head_weight_DV, k=k, temperature=temperature, tile_size=tile_size)
-  return head_divergence(out, alpha=alpha, add_tail=add_tail)
+  No gradient (both inputs are stop-gradient): it is the teacher-entropy input of the DW weights, the same tiles and
+  tile body as `fused_head(...).teacher_entropy_X`, without the top-k. `X` need not divide `tile_size`.
+  """
+  num, width = hidden_XD.shape
+  chex.assert_shape(head_weight_DV, (width, None))
+  tile, padded = _tiling("head_entropy", num, tile_size)
+  entropy = _entropy_scan(jax.lax.stop_gradient(_pad_rows(hidden_XD, padded)), jax.lax.stop_gradient(head_weight_DV),
+                          float(temperature), tile)
+  return entropy[:num]

@@ -1,19 +1,47 @@
 """Host-side batch assembly: ragged rollouts → padded, bucketed arrays for the jitted train step.
 
-Shapes are padded up to buckets (powers of two) so a run compiles a small, known set of programs. The teacher
-sequences of a micro-batch hold only its SDPO-routed rollouts (c rows, bucketed; none at all when no rollout of the
-mini-batch is SDPO-routed), which is where SRPO saves teacher compute over SDPO.
+The batch layout is defined here (`MicroBatch`, `TeacherRows`); `train_step` consumes it. Shapes are padded up to
+powers of two so a run compiles a small, known set of programs. Every sequence is the prompt left-padded to P
+positions followed by the response right-padded to T positions, so the response always starts at column P. The
+teacher sequences of a micro-batch hold only its SDPO-routed rollouts (C rows, bucketed; none at all when no rollout
+of the mini-batch is SDPO-routed), which is where SRPO saves teacher compute over SDPO.
+
+Letters (srpo_jax/models/qwen3.py): B rollouts, S = P + T sequence, T response positions, C teacher rows,
+M micro-batches.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from srpo_jax.train_step import MicroBatch
+
+class MicroBatch(NamedTuple):
+  """The update's input: M stacked micro-batches (a leading [M] axis on every field) or one micro-batch."""
+  ids: np.ndarray        # [B, S] int32
+  mask: np.ndarray       # [B, S] bool
+  resp: np.ndarray       # [B, T] bool: valid response tokens
+  old_logp: np.ndarray   # [B, T] float32: π_old (from `prepare`)
+  roll_logp: np.ndarray  # [B, T] float32: π_roll (from the rollout engine)
+  adv: np.ndarray        # [B] float32
+  grpo: np.ndarray       # [B] bool: takes the GRPO loss
+  sdpo: np.ndarray       # [B] bool: takes the SDPO loss
+  dw: np.ndarray         # [B, T] float32: DW weights (ones unless the method uses them)
+  t_ids: Optional[np.ndarray] = None    # [C, S_T] int32: the SDPO rows re-read after their teacher prompts
+  t_mask: Optional[np.ndarray] = None   # [C, S_T] bool
+  t_row: Optional[np.ndarray] = None    # [C] int32: which of the B rows each teacher row belongs to
+  t_valid: Optional[np.ndarray] = None  # [C] bool: False for padding rows
 
 
-def bucket(n: int, minimum: int = 8) -> int:
+class TeacherRows(NamedTuple):
+  """Teacher sequences for some rows of a batch, padded to a bucket of C rows."""
+  ids: np.ndarray    # [C, S_T] int32
+  mask: np.ndarray   # [C, S_T] bool
+  row: np.ndarray    # [C] int32: index into the batch; padding rows point at 0
+  valid: np.ndarray  # [C] bool
+
+
+def pow2_bucket(n: int, minimum: int = 8) -> int:
   """Smallest power of two ≥ max(n, minimum)."""
   n = max(int(n), minimum, 1)
   return 1 << (n - 1).bit_length()
@@ -44,10 +72,26 @@ def pad_right(seqs: Sequence[Sequence[float]], length: int, pad, dtype) -> tuple
 
 def sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], prompt_len: int, resp_len: int,
               pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Prompt left-padded to `prompt_len`, response right-padded to `resp_len`: ids/mask [B, P+R], resp mask [B, R]."""
+  """Prompt left-padded to `prompt_len`, response right-padded to `resp_len`: ids/mask [B, P+T], resp mask [B, T]."""
   p_ids, p_mask = pad_left(prompts, prompt_len, pad)
   r_ids, r_mask = pad_right(responses, resp_len, pad, np.int32)
   return np.concatenate([p_ids, r_ids], 1), np.concatenate([p_mask, r_mask], 1), r_mask
+
+
+def teacher_rows(rows: Sequence[int], teacher_prompts: dict[int, Sequence[int]], responses: Sequence[Sequence[int]],
+                 resp_len: int, pad: int, *, num_rows: Optional[int] = None,
+                 prompt_len: Optional[int] = None) -> TeacherRows:
+  """Rollouts `rows` re-read after their teacher prompts: the teacher prompt left-padded to `prompt_len` (default:
+  the bucket of the longest), then the same response right-padded to `resp_len`; padded with empty rows to
+  `num_rows` (default: the power-of-two bucket of len(rows))."""
+  rows = [int(r) for r in rows]
+  c = num_rows or pow2_bucket(len(rows), 1)
+  p_len = prompt_len or pow2_bucket(max(len(teacher_prompts[r]) for r in rows), 16)
+  empty = [[]] * (c - len(rows))
+  ids, mask, _ = sequences([teacher_prompts[r] for r in rows] + empty, [responses[r] for r in rows] + empty, p_len,
+                           resp_len, pad)
+  row = np.asarray(rows + [0] * (c - len(rows)), np.int32)
+  return TeacherRows(ids=ids, mask=mask, row=row, valid=np.arange(c) < len(rows))
 
 
 def micro_batches(rows: np.ndarray, micro_size: int, *, ids, mask, resp, old_logp, roll_logp, adv, grpo, sdpo, dw,
@@ -55,7 +99,8 @@ def micro_batches(rows: np.ndarray, micro_size: int, *, ids, mask, resp, old_log
                   ) -> MicroBatch:
   """Stacks the mini-batch `rows` (indices into the step's arrays) into [M, micro_size, ...] micro-batches.
 
-  Teacher sequences: for each micro-batch, the rows with `sdpo` set, re-read after `teacher_prompts[row]`.
+  Teacher sequences: for each micro-batch, the rows with `sdpo` set, re-read after `teacher_prompts[row]`; every
+  micro-batch gets the same C (bucket of the largest count) and the same teacher prompt length.
   """
   if len(rows) % micro_size:
     raise ValueError(f"mini-batch of {len(rows)} rollouts is not divisible by micro_batch_size={micro_size}")
@@ -67,27 +112,18 @@ def micro_batches(rows: np.ndarray, micro_size: int, *, ids, mask, resp, old_log
   c_max = max(len(x) for x in per_mb)
   if c_max == 0:
     return mb
-  c = bucket(c_max, minimum=1)
-  t_prompt_len = teacher_prompt_len(teacher_prompts, [g[j] for g, js in zip(groups, per_mb) for j in js])
-  t_ids, t_mask = zip(*(teacher_sequences([g[j] for j in js], teacher_prompts, responses, c, t_prompt_len,
-                                          resp.shape[1], pad) for g, js in zip(groups, per_mb)))
-  t_row = [np.asarray(list(js) + [0] * (c - len(js)), np.int32) for js in per_mb]
-  t_valid = [np.arange(c) < len(js) for js in per_mb]
-  return mb._replace(t_ids=np.stack(t_ids), t_mask=np.stack(t_mask), t_row=np.stack(t_row),
-                     t_valid=np.stack(t_valid))
+  c = pow2_bucket(c_max, minimum=1)
+  p_len = pow2_bucket(max(len(teacher_prompts[int(g[j])]) for g, js in zip(groups, per_mb) for j in js), 16)
+  parts = []
+  for g, js in zip(groups, per_mb):
+    # Local row indices within the micro-batch: build with the step-level rows, then renumber.
+    t = teacher_rows([g[j] for j in js], teacher_prompts, responses, resp.shape[1], pad, num_rows=c,
+                     prompt_len=p_len) if js else _empty_teacher_rows(c, p_len + resp.shape[1], pad)
+    parts.append(t._replace(row=np.asarray(list(js) + [0] * (c - len(js)), np.int32)))
+  return mb._replace(t_ids=np.stack([t.ids for t in parts]), t_mask=np.stack([t.mask for t in parts]),
+                     t_row=np.stack([t.row for t in parts]), t_valid=np.stack([t.valid for t in parts]))
 
 
-def teacher_prompt_len(teacher_prompts: dict[int, Sequence[int]], rows: Sequence[int]) -> int:
-  """The bucketed teacher-prompt length P_T for these rollouts."""
-  return bucket(max(len(teacher_prompts[int(r)]) for r in rows), 16)
-
-
-def teacher_sequences(rows: Sequence[int], teacher_prompts: dict[int, Sequence[int]],
-                      responses: Sequence[Sequence[int]], num_rows: int, prompt_len: int, resp_len: int,
-                      pad: int) -> tuple[np.ndarray, np.ndarray]:
-  """Rollouts `rows` re-read after their teacher prompts, padded with empty rows to `num_rows`: ids, mask
-  [num_rows, P_T + R] (teacher prompt left-padded to `prompt_len`, the same response right-padded to `resp_len`)."""
-  empty = [[]] * (num_rows - len(rows))
-  ids, mask, _ = sequences([teacher_prompts[int(r)] for r in rows] + empty,
-                           [responses[int(r)] for r in rows] + empty, prompt_len, resp_len, pad)
-  return ids, mask
+def _empty_teacher_rows(num_rows: int, length: int, pad: int) -> TeacherRows:
+  return TeacherRows(ids=np.full((num_rows, length), pad, np.int32), mask=np.zeros((num_rows, length), bool),
+                     row=np.zeros(num_rows, np.int32), valid=np.zeros(num_rows, bool))

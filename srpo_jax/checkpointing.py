@@ -1,13 +1,15 @@
 """Training checkpoints with Orbax: one directory per step holding the state pytree and a JSON `meta` record.
 
-Layout (orbax `CheckpointManager`): `<dir>/<step>/state/` (arrays: params, optimizer state, EMA teacher, PRNG keys;
-any pytree, optax states and `nnx.State` included) and `<dir>/<step>/meta/` (JSON: data position, numpy RNG state,
-counters, wall time). Saves are synchronous and atomic: orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames
-it to `<step>` only once everything is on disk, so a crash mid-save leaves the previous step as the latest one; the
-unfinished temporary directory is ignored and removed when the next `Checkpointer` opens the directory.
+Layout (orbax `CheckpointManager`): `<dir>/<step>/state/` (arrays: any pytree, optax states and `nnx.State`
+included; the trainer saves params, optimizer state and the EMA teacher) and `<dir>/<step>/meta/` (JSON; the trainer
+saves the step, the data position, counters, accuracies, the seed and wall time). No RNG state is saved: the trainer's
+randomness is a function of (seed, step), so a resumed run redraws the same numbers. Saves are synchronous and atomic:
+orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` only once everything is on disk, so a
+crash mid-save leaves the previous step as the latest one; the unfinished temporary directory is ignored and removed
+when the next `Checkpointer` opens the directory.
 
     ckpt = Checkpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
-    ckpt.save(step, {"params": p, "opt": opt_state, "teacher": t, "key": key}, meta={"step": step, ...})
+    ckpt.save(step, {"params": p, "opt_state": opt_state, "teacher": t}, meta={"step": step, ...})
     state, meta = ckpt.restore(ckpt.latest_step(), abstract_state)   # abstract: arrays or jax.ShapeDtypeStruct
     ckpt.close()
 
@@ -183,58 +185,5 @@ def _check_json(meta: Mapping[str, Any], prefix: str = "meta") -> None:
       raise TypeError(f"{path}={v!r}: non-finite floats are not valid JSON")
     elif not (v is None or isinstance(v, (bool, int, float, str))):
       raise TypeError(f"{path}={v!r}: {type(v).__name__} is not JSON-serialisable; convert it first "
-                      "(numpy_rng_to_json / jax_key_to_json for RNG states, .item() / .tolist() for numpy)")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# RNG state <-> JSON (for `meta`)
-# ---------------------------------------------------------------------------------------------------------------------
-def _to_jsonable(x: Any) -> Any:
-  if isinstance(x, np.ndarray):
-    return {"__ndarray__": x.tolist(), "dtype": str(x.dtype)}
-  if isinstance(x, Mapping):
-    return {k: _to_jsonable(v) for k, v in x.items()}
-  if isinstance(x, np.integer):
-    return int(x)
-  return x
-
-
-def _from_jsonable(x: Any) -> Any:
-  if isinstance(x, Mapping):
-    if "__ndarray__" in x:
-      return np.asarray(x["__ndarray__"], dtype=x["dtype"])
-    return {k: _from_jsonable(v) for k, v in x.items()}
-  return x
-
-
-def numpy_rng_to_json(rng: np.random.Generator) -> dict[str, Any]:
-  """`Generator.bit_generator.state` as JSON (big ints stay ints: Python's json keeps them exact)."""
-  return _to_jsonable(rng.bit_generator.state)
-
-
-def numpy_rng_from_json(state: Mapping[str, Any]) -> np.random.Generator:
-  """Inverse of `numpy_rng_to_json`: a Generator that continues the saved stream exactly."""
-  name = state.get("bit_generator")
-  bit_gen_cls = getattr(np.random, str(name), None)
-  if bit_gen_cls is None or not isinstance(bit_gen_cls, type) or not issubclass(bit_gen_cls, np.random.BitGenerator):
-    raise ValueError(f"numpy RNG state: unknown bit_generator {name!r}")
-  bit_gen = bit_gen_cls()
-  bit_gen.state = _from_jsonable(dict(state))
-  return np.random.Generator(bit_gen)
-
-
-def jax_key_to_json(key: jax.Array) -> dict[str, Any]:
-  """A jax PRNG key (typed `jax.random.key` or legacy uint32 `PRNGKey`, any batch shape) as JSON."""
-  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-  data = np.asarray(jax.random.key_data(key) if typed else key)
-  return {"typed": bool(typed), "impl": str(jax.random.key_impl(key)) if typed else None,
-          "data": data.tolist(), "dtype": str(data.dtype)}
-
-
-def jax_key_from_json(d: Mapping[str, Any]) -> jax.Array:
-  """Inverse of `jax_key_to_json`."""
-  data = np.asarray(d["data"], dtype=d.get("dtype", "uint32"))
-  if d.get("typed"):
-    return jax.random.wrap_key_data(data, impl=d["impl"])
-  return jax.numpy.asarray(data)
+                      "(e.g. .item() / .tolist() for numpy values)")
 

@@ -21,20 +21,59 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, TextIO
 
 import numpy as np
 
-# -- metric names (trainer, plot and summary use these) ----------------------------------------------------------------
+# -- metric names: every key the trainer logs is one of these (trainer, plot, summary and tests use the constants) ----
+# evaluation
 EVAL_ACCURACY = "eval/accuracy"  # avg@n_samples on the test split (mean accuracy over samples and questions)
+EVAL_FAVOURITE_SHARE = "eval/favourite_answer_share"  # share of the model's favourite answer (the chance level)
+EVAL_TIME_S = "eval/time_s"  # wall-clock of the evaluation
+# rollouts and rewards
 TRAIN_REWARD_MEAN = "train/reward_mean"  # mean reward of the step's rollouts
 TRAIN_ACCURACY = "train/accuracy"  # fraction of the step's rollouts with r >= 0.5
-ROUTE_FRAC_GRPO = "route/frac_grpo"  # rollouts routed to GRPO because they are correct
-ROUTE_FRAC_SDPO = "route/frac_sdpo"  # failed rollouts with a correct sibling, routed to SDPO
-ROUTE_FRAC_FALLBACK = "route/frac_fallback"  # failed rollouts without a correct sibling (GRPO fallback)
-TEACHER_ENTROPY_MEAN = "teacher/entropy_mean"  # mean teacher entropy H over SDPO-routed tokens (nats)
+TRAIN_NONFINITE_STEPS = "train/nonfinite_steps"  # training steps skipped so far for a non-finite loss or gradient
 ROLLOUT_RESPONSE_LEN_MEAN = "rollout/response_len_mean"  # mean response length (tokens)
+ROLLOUT_RESPONSE_LEN_MAX = "rollout/response_len_max"
+ROLLOUT_TRUNCATION_RATE = "rollout/truncation_rate"  # share of responses cut at max_new_tokens
 ROLLOUT_TOKENS_PER_S = "rollout/tokens_per_s"  # generated tokens per second of rollout time
-TIME_STEP_S = "time/step_s"  # wall-clock of the whole training step (rollout + teacher + update)
+ROLLOUT_LOGP_MISMATCH_ABS = "rollout/logp_mismatch_abs"  # mean |log π_old − log π_roll| (trainer vs engine)
+ROLLOUT_LOGP_MISMATCH_MAX = "rollout/logp_mismatch_max"
+ROLLOUT_IS_WEIGHT_MEAN = "rollout/is_weight_mean"  # truncated rollout IS weight min(π_old / π_roll, cap)
+ROLLOUT_IS_WEIGHT_MAX = "rollout/is_weight_max"
+# routing
+ROUTE_FRAC_GRPO = "route/frac_grpo"  # correct rollouts that take the GRPO loss
+ROUTE_FRAC_SDPO = "route/frac_sdpo"  # rollouts that take the SDPO loss (for SRPO: failed with a correct sibling)
+ROUTE_FRAC_FALLBACK = "route/frac_fallback"  # failed rollouts that take the GRPO loss (no teacher information)
+# teacher and DW weights (SDPO-routed tokens)
+TEACHER_ENTROPY_MEAN = "teacher/entropy_mean"  # mean teacher entropy H over SDPO-routed tokens (nats)
+TEACHER_PROMPTS_TRUNCATED = "teacher/prompts_truncated"  # teacher prompts whose sibling solution was cut this step
+DW_MIN = "dw/min"  # entropy weights exp(−βH) / mean over the SDPO tokens of the step (srpo)
+DW_MEAN = "dw/mean"
+DW_MAX = "dw/max"
+# losses and RL health
+LOSS = "loss/total"  # the objective (mean over the step's optimizer steps)
+LOSS_GRPO = "loss/grpo"  # mean GRPO token loss over GRPO-routed tokens
+LOSS_SDPO = "loss/sdpo"  # mean SDPO token loss over SDPO-routed tokens
+SDPO_JSD = "sdpo/jsd"  # mean top-k JSD over SDPO-routed tokens
+POLICY_ENTROPY = "policy/entropy"  # mean student entropy over response tokens (nats)
+POLICY_LOGP_MAX = "policy/logp_max"  # largest sampled-token log-prob (≤ 0; a positive value is a bug)
+GRPO_CLIP_FRAC = "grpo/clip_frac"  # share of GRPO tokens where the clipped surrogate is active
+GRPO_DUAL_CLIP_FRAC = "grpo/dual_clip_frac"  # share of GRPO tokens where the dual clip −c·A is active
+GRPO_APPROX_KL = "grpo/approx_kl"  # mean log π_old − log π_θ over GRPO tokens
+GRPO_RATIO_MEAN = "grpo/ratio_mean"  # mean policy ratio π_θ / π_old over GRPO tokens
 OPTIM_LR = "optim/lr"
-OPTIM_GRAD_NORM = "optim/grad_norm"
-LOSS = "loss/total"
+OPTIM_GRAD_NORM = "optim/grad_norm"  # global gradient norm before clipping (mean over the step's optimizer steps)
+# wall-clock
+TIME_STEP_S = "time/step_s"  # wall-clock of the whole training step (rollout + teacher + update)
+TIME_ROLLOUT_S = "time/rollout_s"
+TIME_ROUTE_S = "time/reward_route_s"
+TIME_TEACHER_S = "time/teacher_s"  # teacher prompts and the prepare program (π_old, DW)
+TIME_UPDATE_S = "time/update_s"
+TIME_REFIT_S = "time/refit_s"  # EMA teacher update and rollout-engine weight refit
+TIME_TOKENS_PER_S = "time/tokens_per_s"  # response tokens per second of the whole step
+
+# summary.json keys
+SUMMARY_INITIAL_ACCURACY = "initial_eval_accuracy"
+SUMMARY_BEST_ACCURACY = "best_eval_accuracy"
+SUMMARY_FINAL_ACCURACY = "final_eval_accuracy"
 
 PLOT_KEYS = (EVAL_ACCURACY, TRAIN_REWARD_MEAN, ROUTE_FRAC_GRPO, ROUTE_FRAC_SDPO, ROUTE_FRAC_FALLBACK,
              TEACHER_ENTROPY_MEAN, ROLLOUT_RESPONSE_LEN_MEAN, TIME_STEP_S)

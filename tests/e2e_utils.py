@@ -1,4 +1,5 @@
 """Helpers for end-to-end tests: the tiny config made fast, and deterministic mixed rewards."""
+import dataclasses
 import importlib.util
 import os
 import socket
@@ -37,6 +38,12 @@ def coin_reward(text: str, answer: str) -> float:
   """A deterministic 0/1 'reward' of the text alone: random-init models then produce mixed groups to route."""
   del answer
   return float(zlib.crc32(text.encode("utf-8")) % 2)
+
+
+def coin_task(cfg, tokenizer, reward=coin_reward):
+  """The configured task with the coin reward injected (so random-init models produce mixed groups)."""
+  from srpo_jax.task import load_task
+  return dataclasses.replace(load_task(cfg, tokenizer), reward=reward)
 
 
 def free_port() -> int:

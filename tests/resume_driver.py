@@ -4,7 +4,8 @@ import logging
 import sys
 
 from srpo_jax import trainer
-from tests.e2e_utils import coin_reward, fast_config
+from srpo_jax.tokenizer import load_tokenizer
+from tests.e2e_utils import coin_task, fast_config
 
 
 def main():
@@ -12,8 +13,8 @@ def main():
   run_dir, steps, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
   cfg = fast_config(run_dir, **{"train.steps": steps, "checkpoint.every_steps": 1, "resume": resume,
                                 "algo.name": "srpo", "eval.every_steps": 2})
-  tr = trainer.Trainer(cfg)
-  tr.task.reward = coin_reward
+  tok = load_tokenizer()
+  tr = trainer.Trainer(cfg, tokenizer=tok, task=coin_task(cfg, tok))
   print(f"start step {tr.step}", flush=True)
   tr.run()
 

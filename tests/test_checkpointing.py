@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,61 @@ import optax
 import pytest
 from flax import nnx
 
-from srpo_jax import checkpointing
 from srpo_jax.checkpointing import Checkpointer, CheckpointError
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RNG state <-> JSON: test-only helpers showing that a JSON `meta` can carry RNG states exactly (the trainer saves
+# none: its randomness is a function of (seed, step)).
+# ---------------------------------------------------------------------------------------------------------------------
+def _to_jsonable(x: Any) -> Any:
+  if isinstance(x, np.ndarray):
+    return {"__ndarray__": x.tolist(), "dtype": str(x.dtype)}
+  if isinstance(x, Mapping):
+    return {k: _to_jsonable(v) for k, v in x.items()}
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+def _from_jsonable(x: Any) -> Any:
+  if isinstance(x, Mapping):
+    if "__ndarray__" in x:
+      return np.asarray(x["__ndarray__"], dtype=x["dtype"])
+    return {k: _from_jsonable(v) for k, v in x.items()}
+  return x
+
+
+def numpy_rng_to_json(rng: np.random.Generator) -> dict[str, Any]:
+  """`Generator.bit_generator.state` as JSON (big ints stay ints: Python's json keeps them exact)."""
+  return _to_jsonable(rng.bit_generator.state)
+
+
+def numpy_rng_from_json(state: Mapping[str, Any]) -> np.random.Generator:
+  """Inverse of `numpy_rng_to_json`: a Generator that continues the saved stream exactly."""
+  name = state.get("bit_generator")
+  bit_gen_cls = getattr(np.random, str(name), None)
+  if bit_gen_cls is None or not isinstance(bit_gen_cls, type) or not issubclass(bit_gen_cls, np.random.BitGenerator):
+    raise ValueError(f"numpy RNG state: unknown bit_generator {name!r}")
+  bit_gen = bit_gen_cls()
+  bit_gen.state = _from_jsonable(dict(state))
+  return np.random.Generator(bit_gen)
+
+
+def jax_key_to_json(key: jax.Array) -> dict[str, Any]:
+  """A jax PRNG key (typed `jax.random.key` or legacy uint32 `PRNGKey`, any batch shape) as JSON."""
+  typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  data = np.asarray(jax.random.key_data(key) if typed else key)
+  return {"typed": bool(typed), "impl": str(jax.random.key_impl(key)) if typed else None,
+          "data": data.tolist(), "dtype": str(data.dtype)}
+
+
+def jax_key_from_json(d: Mapping[str, Any]) -> jax.Array:
+  """Inverse of `jax_key_to_json`."""
+  data = np.asarray(d["data"], dtype=d.get("dtype", "uint32"))
+  if d.get("typed"):
+    return jax.random.wrap_key_data(data, impl=d["impl"])
+  return jax.numpy.asarray(data)
 
 
 def _state(seed: int = 0):
@@ -50,8 +104,8 @@ def test_round_trip_is_bitwise_with_dtypes_shardings_and_meta(tmp_path):
   state = _state(1)
   rng = np.random.default_rng(123)
   rng.random(5)  # advance it: the restored generator must continue mid-stream
-  meta = {"step": 4, "data_pos": 17, "wall_time_s": 12.5, "np_rng": checkpointing.numpy_rng_to_json(rng),
-          "key": checkpointing.jax_key_to_json(state["key"])}
+  meta = {"step": 4, "data_pos": 17, "wall_time_s": 12.5, "np_rng": numpy_rng_to_json(rng),
+          "key": jax_key_to_json(state["key"])}
   with Checkpointer(tmp_path / "ck", keep=3) as ck:
     assert ck.latest_step() is None
     assert ck.save(4, state, meta)
@@ -63,9 +117,9 @@ def test_round_trip_is_bitwise_with_dtypes_shardings_and_meta(tmp_path):
   assert isinstance(restored["opt"][0], optax.ScaleByAdamState)
   assert float(np.abs(np.asarray(restored["opt"][0].mu["b"])).sum()) > 0  # the moments, not a fresh init
   assert meta2["step"] == 4 and meta2["data_pos"] == 17 and meta2["wall_time_s"] == 12.5
-  rng2 = checkpointing.numpy_rng_from_json(meta2["np_rng"])
+  rng2 = numpy_rng_from_json(meta2["np_rng"])
   np.testing.assert_array_equal(rng.random(4), rng2.random(4))
-  key2 = checkpointing.jax_key_from_json(meta2["key"])
+  key2 = jax_key_from_json(meta2["key"])
   np.testing.assert_array_equal(jax.random.key_data(key2), jax.random.key_data(state["key"]))
 
 
@@ -175,7 +229,7 @@ def test_partial_step_directory_without_commit_is_ignored(tmp_path):
                                       lambda: jax.random.split(jax.random.key(1), 4), lambda: jax.random.PRNGKey(5)])
 def test_jax_key_json_round_trip(make_key):
   key = make_key()
-  back = checkpointing.jax_key_from_json(checkpointing.jax_key_to_json(key))
+  back = jax_key_from_json(jax_key_to_json(key))
   assert back.dtype == key.dtype and back.shape == key.shape
   assert _bits(back) == _bits(key)
   # Same stream: the next split agrees.
@@ -187,7 +241,7 @@ def test_numpy_rng_json_round_trip_mt19937():
   rng = np.random.Generator(np.random.MT19937(4))
   rng.integers(0, 10, 7)
   import json
-  back = checkpointing.numpy_rng_from_json(json.loads(json.dumps(checkpointing.numpy_rng_to_json(rng))))
+  back = numpy_rng_from_json(json.loads(json.dumps(numpy_rng_to_json(rng))))
   np.testing.assert_array_equal(rng.integers(0, 1000, 9), back.integers(0, 1000, 9))
 
 

@@ -1,7 +1,6 @@
 """Config: validation errors name the field and value; overrides; per-method derived defaults; the config files."""
 import dataclasses
 import importlib.util
-import inspect
 import os
 import re
 import subprocess
@@ -12,6 +11,7 @@ import ml_collections
 import pytest
 
 from srpo_jax import config as C
+from srpo_jax import methods
 from srpo_jax.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,22 +52,34 @@ def _dataclass_keys(cls, prefix=""):
       yield prefix + f.name
 
 
-def test_base_config_keys_match_dataclasses_and_each_has_a_comment():
+def test_base_config_keys_match_dataclasses_and_each_has_a_doc():
   assert set(_dotted_keys(C.get_base_config())) == set(_dataclass_keys(C.Config))
-  src = inspect.getsource(C.get_base_config)
-  assignments = [line for line in src.splitlines() if re.match(r"\s+\w+\.\w+ = ", line) and "ConfigDict()" not in line]
-  assert len(assignments) == len(list(_dotted_keys(C.get_base_config())))
-  uncommented = [line.strip() for line in assignments if "  # " not in line]
-  assert not uncommented
+  docs = C.field_docs()
+  assert set(docs) == set(_dataclass_keys(C.Config)) and all(docs.values())
+  assert "Paper Table 3" in docs["algo.clip_high"] and "methods.Method.lr" in docs["optim.lr"]
+
+
+def test_base_config_placeholders_are_typed():
+  base = C.get_base_config()
+  assert base.run_dir is None and base.train.steps is None and base.model.hidden_size is None
+  assert base.train.time_budgets_h == (1.0, 5.0, 10.0) and base.rollout.sglang_args == ()
+  for dotted, value in {"run_dir": "r", "train.steps": 3, "model.hidden_size": 32, "model.tie_word_embeddings": False,
+                        "model.random_init": "0.6b", "algo.loss_agg": "token-mean", "optim.lr": 1e-5}.items():
+    assert C.apply_overrides(base, {dotted: value}) is not None
+  for dotted, value in {"train.steps": "3", "model.hidden_size": "wide", "model.tie_word_embeddings": "yes",
+                        "model.random_init": 3}.items():
+    with pytest.raises(ConfigError, match=re.escape(dotted)):
+      C.apply_overrides(base, {dotted: value})
 
 
 def test_tiny_config_validates_with_the_expected_model():
   cfg = C.validate(_load("tiny"))
-  assert cfg.model.random_init == "tiny" and cfg.model.vocab_size == 151_936
-  assert cfg.model.qwen3_overrides == dict(
-      dtype="float32", param_dtype="float32", remat=False, hidden_size=64, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128, tie_word_embeddings=True,
-      vocab_size=151_936)
+  assert cfg.model.random_init == "tiny" and cfg.model.vocab_size is None  # None = the preset's
+  assert cfg.model.qwen3_overrides == dict(dtype="float32", param_dtype="float32", remat=False)
+  from srpo_jax.models import qwen3
+  q = qwen3.Qwen3Config.preset(cfg.model.random_init, **cfg.model.qwen3_overrides)
+  assert (q.vocab_size, q.hidden_size, q.num_hidden_layers, q.num_attention_heads, q.num_key_value_heads, q.head_dim,
+          q.intermediate_size, q.tie_word_embeddings) == (151_936, 64, 2, 4, 2, 16, 128, True)
   assert cfg.data.task == "synthetic" and cfg.rollout.engine == "jax" and cfg.run_dir == "runs/tiny"
   assert cfg.lr == 1e-3 and cfg.rollout.rollouts_per_step == 128
   with pytest.raises(dataclasses.FrozenInstanceError):
@@ -94,6 +106,12 @@ def test_tiny_config_validates_with_the_expected_model():
     ("mesh.fsdp", 0, r"mesh\.fsdp=0"),
     ("rollout.length_buckets", (256, 128), r"rollout\.length_buckets=\(256, 128\)"),
     ("model.num_kv_heads", 3, r"model\.num_heads=4: must be a multiple of model\.num_kv_heads=3"),
+    ("model.head_dim", 15, r"model\.head_dim=15: must be even"),
+    ("model.hidden_size", 0, r"model\.hidden_size=0: must be > 0"),
+    ("rollout.length_buckets", (64, 96), r"rollout\.length_buckets=\(64, 96\): the largest bucket must be >= "
+                                          r"data\.max_prompt_tokens=128"),
+    ("run_dir", " ", r"run_dir=' ': must be a non-empty path"),
+    ("mesh.process_id", 1, r"mesh\.process_id=1: must be in \[0, mesh\.num_processes=1\)"),
 ])
 def test_bad_values_name_field_and_value(field, value, pattern):
   assert re.search(pattern, _err(_tiny(**{field: value}))), _err(_tiny(**{field: value}))
@@ -149,6 +167,8 @@ def test_batch_divisibility_errors():
 def test_model_path_required_and_placeholder_message():
   msg = _err(_tiny(**{"model.random_init": None}))
   assert "model.path=None" in msg and "--config.model.path=/path/to/Qwen3-8B" in msg
+  msg = _err(_tiny(**{"model.random_init": None, "model.path": "/x", "model.hidden_size": 32}), check_files=False)
+  assert msg.startswith("model.hidden_size=32: the model dimensions apply only with model.random_init")
   msg = _err(_load("qwen3_8b"))
   assert msg == ("model.path='<REQUIRED: /path/to/Qwen3-8B>' is a placeholder: pass "
                  "--config.model.path=/path/to/Qwen3-8B")
@@ -171,6 +191,7 @@ def test_data_dir_missing_files_message(tmp_path, monkeypatch):
   cfg = C.validate(_tiny(**{"data.task": "chemistry"}))
   assert cfg.data.resolved_data_dir == str(tmp_path) and cfg.data.data_dir is None  # resolved, not written back
   monkeypatch.delenv("SRPO_DATA_DIR")
+  monkeypatch.delenv("SRPO_CACHE_DIR", raising=False)
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
   assert C.resolve_data_dir(None) == str(tmp_path / "cache" / "srpo_jax" / "data")
   assert C.validate(_tiny(**{"data.task": "chemistry"}), check_files=False).data.task == "chemistry"
@@ -188,6 +209,7 @@ def test_data_rules_agree_with_the_data_package(tmp_path, monkeypatch):
   synthetic = pytest.importorskip("srpo_jax.data.synthetic")
   assert C.SYNTHETIC_MAX_DIFFICULTY == synthetic.MAX_DIFFICULTY
   assert "data.synthetic_difficulty=5" in _err(_tiny(**{"data.synthetic_difficulty": 5}))
+  monkeypatch.delenv("SRPO_CACHE_DIR", raising=False)
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "c"))
   for env in (None, str(tmp_path / "env")):
     if env:
@@ -197,7 +219,7 @@ def test_data_rules_agree_with_the_data_package(tmp_path, monkeypatch):
     for configured in (None, str(tmp_path / "d")):
       assert C.resolve_data_dir(configured) == str(benchmarks.resolve_data_dir(configured))
     for task in C.BENCHMARK_TASKS:
-      for rel, split in zip(C.required_data_files(task), ("train", "test")):
+      for rel, split in zip(benchmarks.required_data_files(task), ("train", "test")):
         assert os.path.join(C.resolve_data_dir(None), rel) == str(benchmarks.split_path(None, task, split))
 
 
@@ -207,13 +229,15 @@ def test_data_rules_agree_with_the_data_package(tmp_path, monkeypatch):
     ("srpo", 5e-6, 32, "token-mean", 1),
     ("srpo_no_dw", 5e-6, 32, "token-mean", 1),
     ("advantage_mix", 5e-6, 32, "token-mean", 1),
+    ("grpo_sdpo_all", 5e-6, 32, "token-mean", 1),
 ])
 def test_per_method_paper_defaults(algo, lr, mini_batch, agg, opt_steps):
   cd = C.apply_overrides(_load("qwen3_8b", algo), {"model.path": None, "model.random_init": "8b"})
   cfg = C.validate(cd, check_files=False)
   assert (cfg.lr, cfg.mini_batch_prompts, cfg.loss_agg, cfg.optimizer_steps_per_step) == (lr, mini_batch, agg,
                                                                                              opt_steps)
-  assert cfg.algo.uses_teacher == (algo != "grpo") and cfg.algo.uses_dynamic_weighting == (algo == "srpo")
+  assert cfg.method is methods.get(algo) and cfg.method.name == algo
+  assert cfg.method.uses_teacher == (algo != "grpo") and cfg.method.dynamic_weighting == (algo == "srpo")
   assert cd.optim.lr is None and cd.optim.mini_batch_prompts is None and cd.algo.loss_agg is None  # not written back
   assert cfg.to_dict()["derived"]["lr"] == lr
   # Explicit values win over the method's.
@@ -236,7 +260,7 @@ def test_paper_configs_follow_the_paper():
   assert (cfg.rollout.prompts_per_step, cfg.rollout.n, cfg.rollout.max_new_tokens, cfg.rollout.temperature) == (
       32, 8, 8192, 1.0)
   assert (cfg.algo.clip_high, cfg.algo.rollout_is_cap, cfg.algo.topk, cfg.algo.jsd_alpha, cfg.algo.ema_rate,
-          cfg.algo.dw_beta, cfg.algo.kl_coef) == (0.28, 2.0, 100, 0.5, 0.05, 1.0, 0.0)
+          cfg.algo.dw_beta, cfg.algo.entropy_coef) == (0.28, 2.0, 100, 0.5, 0.05, 1.0, 0.0)
   assert (cfg.optim.b1, cfg.optim.b2, cfg.optim.weight_decay, cfg.optim.grad_clip, cfg.optim.warmup_steps) == (
       0.9, 0.999, 0.01, 1.0, 10)
   assert (cfg.eval.every_steps, cfg.eval.n_samples, cfg.eval.temperature, cfg.eval.top_p) == (5, 16, 0.6, 0.95)
@@ -256,6 +280,39 @@ def test_mesh_axis_sizes():
     C.MeshConfig(data=2, fsdp=2).axis_sizes(8)
   assert "at most one axis may be -1" in _err(_tiny(**{"mesh.fsdp": -1}))
   assert "mesh.coordinator=None" in _err(_tiny(**{"mesh.num_processes": 2}))
+  assert C.resolve_axis_sizes({"data": 2, "fsdp": -1, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+  with pytest.raises(ConfigError, match="at most one axis may be -1"):
+    C.resolve_axis_sizes({"data": -1, "fsdp": -1, "tensor": 1}, 8)
+  with pytest.raises(ConfigError, match=r"mesh\.tensor=0: must be >= 1"):
+    C.resolve_axis_sizes({"data": -1, "fsdp": 1, "tensor": 0}, 8)
+
+
+def test_make_mesh_uses_the_same_rule():
+  import jax
+  from srpo_jax import sharding
+  one = jax.devices()[:1]
+  assert dict(sharding.make_mesh(devices=one).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+  with pytest.raises(ValueError, match="do not divide the 1 available devices"):
+    sharding.make_mesh(data=2, devices=one)
+  with pytest.raises(ValueError, match="at most one axis may be -1"):
+    sharding.make_mesh(data=-1, fsdp=-1, devices=one)
+
+
+def test_any_random_init_preset_takes_dimension_overrides():
+  cd = C.apply_overrides(_load("qwen3_0_6b"), {"model.path": None, "model.random_init": "0.6b",
+                                                "model.num_layers": 2, "model.vocab_size": 1024})
+  cfg = C.validate(cd, check_files=False)
+  assert cfg.model.qwen3_overrides == dict(dtype="bfloat16", param_dtype="float32", remat=True, num_hidden_layers=2,
+                                           vocab_size=1024)
+  # Head checks use the preset's values for the fields left at None (0.6b: 16 heads, 8 kv heads, head_dim 128).
+  msg = _err(C.apply_overrides(cd, {"model.num_kv_heads": 6}), check_files=False)
+  assert msg.startswith("model.num_heads=16: must be a multiple of model.num_kv_heads=6")
+
+
+def test_import_is_light():
+  code = "import sys, srpo_jax.config; print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'numpy')))"
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]
 
 
 _FLAGS_SCRIPT = """

@@ -97,6 +97,7 @@ def test_resolve_data_dir_order(monkeypatch, tmp_path):
   assert benchmarks.resolve_data_dir(str(tmp_path / "cfg")) == tmp_path / "cfg"
   assert benchmarks.resolve_data_dir(None) == tmp_path / "env"
   monkeypatch.delenv("SRPO_DATA_DIR")
+  monkeypatch.delenv("SRPO_CACHE_DIR", raising=False)  # the one cache root (srpo_jax.paths) honours it first
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
   assert benchmarks.resolve_data_dir(None) == tmp_path / "cache" / "srpo_jax" / "data"
   monkeypatch.delenv("XDG_CACHE_HOME")

@@ -1,6 +1,6 @@
-"""Fused token-tiled head vs the unfused full-logits path: same statistics, losses and gradients; no [N, V] array."""
-import importlib
+"""Fused token-tiled head vs the unfused full-logits path: same statistics, losses and gradients; no [X, V] array."""
 import re
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +8,23 @@ import numpy as np
 import pytest
 
 from srpo_jax.algorithms import losses
-from srpo_jax.kernels import fused_head, fused_topk_jsd, head_divergence
-
-fh = importlib.import_module("srpo_jax.kernels.fused_head")  # the module (the package re-exports the function)
+from srpo_jax.algorithms.losses import head_divergence
+from srpo_jax.kernels import fused_head as fh
+from srpo_jax.kernels.fused_head import fused_head
 
 jax.config.update("jax_default_matmul_precision", "highest")
 TOL = 1e-5
+
+
+def fused_topk_jsd(student_hidden_XD: jax.Array, head_weight_DV: jax.Array, teacher_hidden_XD: jax.Array, *,
+                   teacher_head_weight_DV: Optional[jax.Array] = None, k: int = 100, alpha: float = 0.5,
+                   add_tail: bool = True, temperature: float = 1.0,
+                   tile_size: int = fh.DEFAULT_TILE_SIZE) -> jax.Array:
+  """`losses.topk_jsd(h @ W, h_T @ W_T, ...)` `[X]` through the fused head (no `[X, V]` array)."""
+  ids = jnp.zeros(student_hidden_XD.shape[:1], jnp.int32)
+  out = fused_head(student_hidden_XD, head_weight_DV, ids, teacher_hidden_XD,
+                   teacher_head_weight_DV=teacher_head_weight_DV, k=k, temperature=temperature, tile_size=tile_size)
+  return head_divergence(out, alpha=alpha, add_tail=add_tail)
 
 
 def _inputs(n=13, d=16, v=300, seed=0):
@@ -36,8 +47,8 @@ def _unfused_stats(h, w, ht, wt, ids, k, temperature):
 
 def _fused_stats(h, w, ht, wt, ids, k, temperature, tile):
   o = fused_head(h, w, ids, ht, teacher_head_weight_DV=wt, k=k, temperature=temperature, tile_size=tile)
-  return dict(logp=o.logp_N, entropy=o.entropy_N, idx=o.topk_idx_NK, s_topk=o.student_topk_logp_NK1[:, :k],
-              t_topk=o.teacher_topk_logp_NK1[:, :k], t_entropy=o.teacher_entropy_N), o
+  return dict(logp=o.logp_X, entropy=o.entropy_X, idx=o.topk_idx_XE, s_topk=o.student_topk_logp_XE1[:, :k],
+              t_topk=o.teacher_topk_logp_XE1[:, :k], t_entropy=o.teacher_entropy_X), o
 
 
 def _assert_close(a, b, tol=TOL):
@@ -54,9 +65,9 @@ def test_statistics_match_unfused(tile):
   np.testing.assert_array_equal(got.pop("idx"), want.pop("idx"))
   for name in want:
     _assert_close(got[name], want[name])
-  assert bool(jnp.all(out.logp_N <= 0.0)) and bool(jnp.all(out.student_topk_logp_NK1 <= 0.0))
-  assert bool(jnp.all(out.teacher_topk_logp_NK1 <= 0.0))
-  assert bool(jnp.all(out.entropy_N >= 0.0)) and bool(jnp.all(out.entropy_N <= np.log(300) + 1e-5))
+  assert bool(jnp.all(out.logp_X <= 0.0)) and bool(jnp.all(out.student_topk_logp_XE1 <= 0.0))
+  assert bool(jnp.all(out.teacher_topk_logp_XE1 <= 0.0))
+  assert bool(jnp.all(out.entropy_X >= 0.0)) and bool(jnp.all(out.entropy_X <= np.log(300) + 1e-5))
 
 
 @pytest.mark.parametrize("alpha,add_tail", [(0.5, True), (0.0, True), (1.0, False)])
@@ -75,7 +86,7 @@ def test_losses_and_gradients_match_unfused(alpha, add_tail):
   def fused(h, w):
     o = fused_head(h, w, x["ids"], x["ht"], teacher_head_weight_DV=x["wt"], k=9, temperature=temperature,
                    tile_size=4)
-    return objective(o.logp_N, o.entropy_N, head_divergence(o, alpha=alpha, add_tail=add_tail), x["c"])
+    return objective(o.logp_X, o.entropy_X, head_divergence(o, alpha=alpha, add_tail=add_tail), x["c"])
 
   def unfused(h, w):
     s = _unfused_stats(h, w, x["ht"], x["wt"], x["ids"], 9, temperature)
@@ -95,10 +106,10 @@ def test_teacher_is_stop_gradient_and_defaults_to_student_head():
   loss = lambda ht, wt: jnp.sum(fused_topk_jsd(x["h"], x["w"], ht, teacher_head_weight_DV=wt, k=5, tile_size=8))
   g_ht, g_wt = jax.grad(loss, argnums=(0, 1))(x["ht"], x["wt"])
   assert float(jnp.max(jnp.abs(g_ht))) == 0.0 and float(jnp.max(jnp.abs(g_wt))) == 0.0
-  tied = fused_head(x["h"], x["w"], x["ids"], x["ht"], k=5).teacher_entropy_N
-  explicit = fused_head(x["h"], x["w"], x["ids"], x["ht"], teacher_head_weight_DV=x["w"], k=5).teacher_entropy_N
+  tied = fused_head(x["h"], x["w"], x["ids"], x["ht"], k=5).teacher_entropy_X
+  explicit = fused_head(x["h"], x["w"], x["ids"], x["ht"], teacher_head_weight_DV=x["w"], k=5).teacher_entropy_X
   np.testing.assert_array_equal(tied, explicit)
-  assert fused_head(x["h"], x["w"], x["ids"], k=5).teacher_topk_logp_NK1 is None
+  assert fused_head(x["h"], x["w"], x["ids"], k=5).teacher_topk_logp_XE1 is None
 
 
 def test_no_tokens_by_vocab_array_in_forward_or_backward():
@@ -118,7 +129,7 @@ def test_real_vocab_few_tokens():
   np.testing.assert_array_equal(got.pop("idx"), want.pop("idx"))
   for name in want:
     _assert_close(got[name], want[name])
-  assert bool(jnp.all(out.logp_N <= 0.0)) and bool(jnp.all(out.student_topk_logp_NK1 <= 0.0))
+  assert bool(jnp.all(out.logp_X <= 0.0)) and bool(jnp.all(out.student_topk_logp_XE1 <= 0.0))
   jsd_f = fused_topk_jsd(x["h"], x["w"], x["ht"], teacher_head_weight_DV=x["wt"], tile_size=2)
   _assert_close(jsd_f, losses.topk_jsd(x["h"] @ x["w"], x["ht"] @ x["wt"]))
 
@@ -126,11 +137,11 @@ def test_real_vocab_few_tokens():
 def test_bfloat16_inputs_accumulate_in_float32():
   x = _inputs()
   o = fused_head(x["h"].astype(jnp.bfloat16), x["w"].astype(jnp.bfloat16), x["ids"], k=5, tile_size=4)
-  assert o.logp_N.dtype == jnp.float32 and o.entropy_N.dtype == jnp.float32
+  assert o.logp_X.dtype == jnp.float32 and o.entropy_X.dtype == jnp.float32
   want = _unfused_stats(x["h"].astype(jnp.bfloat16).astype(jnp.float32),
                         x["w"].astype(jnp.bfloat16).astype(jnp.float32), x["ht"], x["wt"], x["ids"], 5, 1.0)
-  _assert_close(o.logp_N, want["logp"], tol=1e-4)
-  g = jax.grad(lambda w: jnp.sum(fused_head(x["h"].astype(jnp.bfloat16), w, x["ids"], k=5).logp_N))(
+  _assert_close(o.logp_X, want["logp"], tol=1e-4)
+  g = jax.grad(lambda w: jnp.sum(fused_head(x["h"].astype(jnp.bfloat16), w, x["ids"], k=5).logp_X))(
       x["w"].astype(jnp.bfloat16))
   assert g.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(g.astype(jnp.float32))))
 
@@ -139,7 +150,7 @@ def _student_grads(x, tile):
   """Compiled gradient (hidden, head weight) of a top-k + log-prob + entropy objective on one fused head."""
   def loss(h, w):
     o = fused_head(h, w, x["ids"], k=9, temperature=0.8, tile_size=tile)
-    return jnp.sum(o.student_topk_logp_NK1 * x["c"][0][:, None]) + jnp.sum(x["c"][1] * o.logp_N + o.entropy_N)
+    return jnp.sum(o.student_topk_logp_XE1 * x["c"][0][:, None]) + jnp.sum(x["c"][1] * o.logp_X + o.entropy_X)
   return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x["h"], x["w"]).compile()
 
 
@@ -161,7 +172,7 @@ def test_weight_gradient_in_vocab_chunks_matches_unfused(monkeypatch, chunk):
 
 
 def test_backward_has_no_second_weight_sized_buffer(monkeypatch):
-  """The chunked update removes the [D, V] product temporary that `acc + h.T @ g` costs; no [N, V] array either."""
+  """The chunked update removes the [D, V] product temporary that `acc + h.T @ g` costs; no [X, V] array either."""
   n, d, v, tile = 64, 128, 4096, 16
   x = _inputs(n=n, d=d, v=v)
   monkeypatch.setattr(fh, "DEFAULT_VOCAB_CHUNK", v)  # one product per token tile: the old behaviour
@@ -173,3 +184,20 @@ def test_backward_has_no_second_weight_sized_buffer(monkeypatch):
   assert chunked.memory_analysis().output_size_in_bytes >= d * v * 4  # the gradient is the output, not a temp
   shapes = set(re.findall(r"\[([0-9,]+)\]", chunked.as_text()))
   assert f"{n},{v}" not in shapes and f"{v},{n}" not in shapes
+
+
+@pytest.mark.parametrize("tile", [4, 5, 64])  # 13 tokens: exact tiles, a ragged last tile, one oversized tile
+def test_head_entropy_matches_full_logits_and_fused_teacher_entropy(tile):
+  """The standalone teacher entropy equals the full-logits entropy and `fused_head(...).teacher_entropy_X`."""
+  x = _inputs()
+  temperature = 0.7
+  got = jax.jit(lambda h, w: fh.head_entropy(h, w, temperature=temperature, tile_size=tile))(x["ht"], x["wt"])
+  lp = jax.nn.log_softmax((x["ht"] @ x["wt"]) / temperature)
+  assert got.shape == (13,) and got.dtype == jnp.float32
+  _assert_close(got, -jnp.sum(jnp.exp(lp) * lp, -1))
+  fused = fused_head(x["h"], x["w"], x["ids"], x["ht"], teacher_head_weight_DV=x["wt"], k=7, temperature=temperature,
+                     tile_size=tile).teacher_entropy_X
+  np.testing.assert_allclose(np.asarray(got), np.asarray(fused), rtol=0, atol=1e-6)
+  g = jax.grad(lambda h, w: jnp.sum(fh.head_entropy(h, w, tile_size=tile)), argnums=(0, 1))(x["ht"], x["wt"])
+  assert all(float(jnp.max(jnp.abs(a))) == 0.0 for a in g)  # no gradient
+  assert fh.head_entropy(x["ht"][:0], x["wt"]).shape == (0,)

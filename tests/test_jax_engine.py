@@ -16,7 +16,7 @@ import srpo_jax
 from srpo_jax.models.qwen3 import init_model
 from srpo_jax.rollout import sampling as sampling_lib
 from srpo_jax.rollout.engine import SamplingParams
-from srpo_jax.rollout.jax_engine import JaxEngine, bucket
+from srpo_jax.rollout.jax_engine import JaxEngine, smallest_bucket
 from tests.hf_models import tiny_hf_qwen3
 
 V = 512
@@ -264,10 +264,10 @@ def test_prompt_lengths_in_one_bucket_compile_once(engine):
   assert engine.num_compiled_programs == before + 1
 
 
-def test_bucket():
-  assert bucket(3, (8, 16)) == 8 and bucket(8, (8, 16)) == 8 and bucket(9, (8, 16)) == 16
-  assert bucket(40, (8, 16)) == 48  # past the largest bucket: a multiple of it
-  assert bucket(3, (1, 2, 4), multiple_of=8) == 8
+def test_smallest_bucket():
+  assert smallest_bucket(3, (8, 16)) == 8 and smallest_bucket(8, (8, 16)) == 8 and smallest_bucket(9, (8, 16)) == 16
+  assert smallest_bucket(40, (8, 16)) == 48  # past the largest bucket: a multiple of it
+  assert smallest_bucket(3, (1, 2, 4), multiple_of=8) == 8
 
 
 # -- weights -----------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from srpo_jax import methods
 from srpo_jax.algorithms import advantages, losses, routing
 from tests import torch_ref_losses as ref
 
@@ -210,7 +211,7 @@ def _batch(seed, num_groups=3, group=4, length=6):
   return rewards, groups, valid
 
 
-@pytest.mark.parametrize("method", losses.OBJECTIVE_METHODS)
+@pytest.mark.parametrize("method", methods.NAMES)
 @pytest.mark.parametrize("loss_agg", losses.LOSS_AGGS)
 def test_routed_objective_matches_torch(method, loss_agg):
   rewards, groups, valid = _batch(3)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from srpo_jax import methods
 from srpo_jax.algorithms import routing
 from tests import torch_ref_losses as ref
 
@@ -12,8 +13,11 @@ def _np(route):
   return {k: np.asarray(v) for k, v in route._asdict().items()}
 
 
-def test_methods_tuple():
-  assert routing.METHODS == ("grpo", "sdpo", "srpo", "srpo_no_dw", "advantage_mix")
+def test_methods_table():
+  assert methods.NAMES == ("grpo", "sdpo", "srpo", "srpo_no_dw", "advantage_mix", "grpo_sdpo_all")
+  assert [m for m in methods.NAMES if methods.get(m).uses_teacher] == [
+      "sdpo", "srpo", "srpo_no_dw", "advantage_mix", "grpo_sdpo_all"]
+  assert [m for m in methods.NAMES if methods.get(m).dynamic_weighting] == ["srpo"]
 
 
 def test_paper_table6_eight_rollouts_two_correct():
@@ -59,7 +63,7 @@ def test_methods_masks():
   rewards = np.array([1, 0, 0, 1, 0, 0], float)
   groups = np.array([0, 0, 0, 1, 1, 1])
   rewards[3:] = [0, 0, 0]
-  by = {m: _np(routing.route(rewards, groups, method=m)) for m in routing.METHODS}
+  by = {m: _np(routing.route(rewards, groups, method=m)) for m in methods.NAMES}
   teacher = np.array([False, True, True, False, False, False])
   np.testing.assert_array_equal(by["grpo"]["grpo_B"], True)
   np.testing.assert_array_equal(by["grpo"]["sdpo_B"], False)
@@ -71,13 +75,20 @@ def test_methods_masks():
   for m in ("srpo", "srpo_no_dw"):
     np.testing.assert_array_equal(by[m]["sdpo_B"], teacher)
     np.testing.assert_array_equal(by[m]["grpo_B"], ~teacher)
+  # grpo_sdpo_all: the correct rollout 0 has no correct sibling here, so it takes GRPO; rollouts 1 and 2 SDPO.
+  np.testing.assert_array_equal(by["grpo_sdpo_all"]["sdpo_B"], teacher)
+  np.testing.assert_array_equal(by["grpo_sdpo_all"]["grpo_B"], ~teacher)
+  two = np.array([1, 1, 0, 0], float)  # two correct: each has the other as teacher -> SDPO (srpo would GRPO them)
+  r = _np(routing.route(two, np.zeros(4, int), method="grpo_sdpo_all"))
+  np.testing.assert_array_equal(r["sdpo_B"], True)
+  np.testing.assert_array_equal(r["grpo_B"], False)
   with pytest.raises(ValueError, match="method"):
     routing.route(rewards, groups, method="ppo")
 
 
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from([0.0, 0.3, 0.5, 1.0])), min_size=1, max_size=12),
-       st.sampled_from(routing.METHODS))
+       st.sampled_from(methods.NAMES))
 def test_matches_loop_reference(rows, method):
   groups = [g for g, _ in rows]
   rewards = [r for _, r in rows]

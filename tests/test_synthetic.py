@@ -6,11 +6,21 @@ import re
 
 import pytest
 
+from srpo_jax.algorithms.teacher import teacher_messages
 from srpo_jax.data import synthetic
 from srpo_jax.data.prompts import build_messages, render_prompts
 from srpo_jax.rewards import mcq_reward
 
 ROWS_PER_CHECK = 2000
+
+
+def oracle_response(row) -> str:
+  """The response that scores 1 under `mcq_reward`."""
+  return f"<answer>{row.answer}</answer>"
+
+
+def warmstart_examples(n, seed=0, difficulty=2):
+  return synthetic.warmstart_examples(n, seed=seed, difficulty=difficulty, teacher_messages=teacher_messages)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +61,8 @@ def test_deterministic_per_seed():
   assert a == synthetic.make_split(300, seed=11, difficulty=3)
   assert a != synthetic.make_split(300, seed=12, difficulty=3)
   assert a[:100] == synthetic.make_split(100, seed=11, difficulty=3)  # a prefix: n does not reshuffle
-  assert synthetic.warmstart_examples(40, seed=5) == synthetic.warmstart_examples(40, seed=5)
-  assert synthetic.warmstart_examples(40, seed=5) != synthetic.warmstart_examples(40, seed=6)
+  assert warmstart_examples(40, seed=5) == warmstart_examples(40, seed=5)
+  assert warmstart_examples(40, seed=5) != warmstart_examples(40, seed=6)
 
 
 @pytest.mark.parametrize("difficulty", [1, 4])
@@ -70,7 +80,7 @@ def test_oracle_scores_one_wrong_letter_zero():
   rows = synthetic.make_split(400, seed=0, difficulty=4) + synthetic.make_split(100, seed=0, difficulty=4,
                                                                                 split="test")
   for row in rows:
-    assert mcq_reward(synthetic.oracle_response(row), row.answer) == 1.0
+    assert mcq_reward(oracle_response(row), row.answer) == 1.0
     wrong = next(letter for letter in "ABCD" if letter != row.answer)
     assert mcq_reward(f"<answer>{wrong}</answer>", row.answer) == 0.0
 
@@ -99,7 +109,7 @@ def test_prompt_token_length_bound(tokenizer, difficulty):
 
 
 def test_warmstart_does_not_teach_the_answers():
-  examples = synthetic.warmstart_examples(2000, seed=0, difficulty=4)
+  examples = warmstart_examples(2000, seed=0, difficulty=4)
   kinds = collections.Counter(e.kind for e in examples)
   assert kinds == {"format": 1000, "teacher": 1000}
   targets = collections.Counter(e.target for e in examples)
@@ -119,7 +129,7 @@ def test_warmstart_does_not_teach_the_answers():
 
 
 def test_warmstart_messages_render(tokenizer):
-  example = synthetic.warmstart_examples(2, seed=0)[1]
+  example = warmstart_examples(2, seed=0)[1]
   text = tokenizer.apply_chat_template(example.messages, tokenize=False, add_generation_prompt=True,
                                        enable_thinking=False)
   assert text.endswith("Correctly solve the original question.<|im_end|>\n<|im_start|>assistant\n"

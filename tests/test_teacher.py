@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from srpo_jax.algorithms import routing, teacher
-from srpo_jax.data.prompts import encode_text
+from srpo_jax.data.prompts import encode_text, render_messages
 
 SYSTEM = "\nGiven a question and four options, please select the right answer."
 QUESTION = "Which gas is inert?\n\nA: O2\nB: Ar\nC: H2\nD: Cl2\nPlease reason step by step."
@@ -23,6 +23,12 @@ SIBLING_STRIPPED = "<reasoning>\nNoble gas.\n</reasoning>\n<answer>\nB\n</answer
 def tokenizer():
   tokenizer_module = pytest.importorskip("srpo_jax.tokenizer", reason="srpo_jax.tokenizer not available")
   return tokenizer_module.load_tokenizer()
+
+
+def _build(messages, sibling, tokenizer, **kw):
+  """`build_teacher_prompt_ids` with the data package's renderer and encoder bound to `tokenizer` (as the trainer)."""
+  return teacher.build_teacher_prompt_ids(messages, sibling, render=lambda m: render_messages(tokenizer, m),
+                                          encode=lambda text: encode_text(tokenizer, text), **kw)
 
 
 def test_teacher_messages_template():
@@ -49,7 +55,7 @@ def test_teacher_messages_rejects_multi_turn(messages):
 
 
 def test_rendered_teacher_prompt_is_the_spec_template_byte_for_byte(tokenizer):
-  ids, truncated = teacher.build_teacher_prompt_ids(MESSAGES, SIBLING, tokenizer)
+  ids, truncated = _build(MESSAGES, SIBLING, tokenizer)
   expected = ("<|im_start|>system\n" + SYSTEM + "<|im_end|>\n"
               "<|im_start|>user\n" + QUESTION + "\nCorrect solution:\n\n" + SIBLING_STRIPPED
               + "\n\nCorrectly solve the original question.<|im_end|>\n"
@@ -143,13 +149,13 @@ def test_paper_table7_decision_logic(rewards, i, route, available):
 
 
 def test_teacher_prompt_truncates_only_the_solution(tokenizer):
-  head_and_tail, _ = teacher.build_teacher_prompt_ids(MESSAGES, "", tokenizer)
+  head_and_tail, _ = _build(MESSAGES, "", tokenizer)
   solution = "<think>hidden</think>" + " ".join(f"step{k}" for k in range(400)) + "\n<answer>B</answer>"
-  full, truncated = teacher.build_teacher_prompt_ids(MESSAGES, solution, tokenizer)
+  full, truncated = _build(MESSAGES, solution, tokenizer)
   assert not truncated
   limit = len(head_and_tail) + 50
   assert len(full) > limit
-  ids, truncated = teacher.build_teacher_prompt_ids(MESSAGES, solution, tokenizer, max_tokens=limit)
+  ids, truncated = _build(MESSAGES, solution, tokenizer, max_tokens=limit)
   assert truncated and len(ids) == limit
   text = tokenizer.decode(ids)
   head = "<|im_start|>system\n" + SYSTEM + "<|im_end|>\n<|im_start|>user\n" + QUESTION + "\nCorrect solution:\n\n"
@@ -159,8 +165,8 @@ def test_teacher_prompt_truncates_only_the_solution(tokenizer):
   assert "hidden" not in kept_solution and "<answer>" not in kept_solution  # its END was cut
   assert teacher.strip_think(solution).startswith(kept_solution)
   assert encode_text(tokenizer, head) == ids[:len(encode_text(tokenizer, head))]
-  exact, truncated = teacher.build_teacher_prompt_ids(MESSAGES, solution, tokenizer, max_tokens=len(full))
+  exact, truncated = _build(MESSAGES, solution, tokenizer, max_tokens=len(full))
   assert exact == full and not truncated
   # Question longer than the limit: the solution goes entirely, the question is never cut.
-  ids, truncated = teacher.build_teacher_prompt_ids(MESSAGES, solution, tokenizer, max_tokens=len(head_and_tail) - 5)
+  ids, truncated = _build(MESSAGES, solution, tokenizer, max_tokens=len(head_and_tail) - 5)
   assert truncated and tokenizer.decode(ids) == head + tail

@@ -9,6 +9,7 @@ from flax import nnx
 from srpo_jax import batching
 from srpo_jax.algorithms import losses
 from srpo_jax.models.qwen3 import Qwen3Config, init_model
+from srpo_jax.config import AlgoConfig
 from srpo_jax.train_step import LossHParams, make_optimizer, make_train_fns
 
 V, PAD = 384, 0
@@ -46,7 +47,7 @@ def test_accumulation_over_1_2_4_micro_batches_gives_the_same_update(method, agg
   # (Adam's g/(|g|+eps) would amplify fp32 noise in tiny gradients, and new − old loses digits to the parameters).
   zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
   opt = optax.GradientTransformation(zeros, lambda g, state, params=None: (zeros(g), g))
-  fns = make_train_fns(graphdef, opt, LossHParams(method=method, loss_agg=agg, topk=16, tile_size=8))
+  fns = make_train_fns(graphdef, opt, LossHParams(algo=AlgoConfig(name=method, topk=16), loss_agg=agg, tile_size=8))
   arrays = _step_arrays(np.random.default_rng(0))
   rows = np.arange(8)
   den = float(losses.objective_denominator(jnp.asarray(arrays["resp"]), jnp.asarray(arrays["grpo"]),
@@ -56,9 +57,9 @@ def test_accumulation_over_1_2_4_micro_batches_gives_the_same_update(method, agg
     mbs = batching.micro_batches(rows, micro, **arrays)
     assert mbs.ids.shape[0] == 8 // micro
     _, grads, out = fns.update(params, opt.init(params), teacher, mbs, jnp.float32(den))
-    assert bool(out["finite"])
+    assert bool(out.finite)
     deltas.append([np.asarray(g) for g in jax.tree.leaves(grads)])
-    lossvals.append(float(out["loss"]))
+    lossvals.append(float(out.loss))
   np.testing.assert_allclose(lossvals[1:], lossvals[0], rtol=1e-6, atol=1e-9)
   flat = [np.concatenate([d.ravel() for d in ds]) for ds in deltas]
   assert np.abs(flat[0]).max() > 0
@@ -85,7 +86,7 @@ def test_no_sdpo_rollouts_means_no_teacher_forward():
   model = _model()
   graphdef, params = nnx.split(model)
   opt, _ = make_optimizer(1e-3, warmup_steps=0)
-  fns = make_train_fns(graphdef, opt, LossHParams(method="srpo", topk=16, tile_size=8))
+  fns = make_train_fns(graphdef, opt, LossHParams(algo=AlgoConfig(name="srpo", topk=16), tile_size=8))
   with_t = _step_arrays(np.random.default_rng(1), with_sdpo=True)
   without_t = _step_arrays(np.random.default_rng(1), with_sdpo=False)
   rows = np.arange(8)
@@ -96,11 +97,11 @@ def test_no_sdpo_rollouts_means_no_teacher_forward():
   # A teacher full of NaNs cannot affect a step that runs no teacher forward.
   nan_teacher = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
   _, _, out = fns.update(params, opt_state, nan_teacher, mb_0, jnp.float32(10.0))
-  assert bool(out["finite"])
+  assert bool(out.finite)
   # And the compiled program has fewer matmuls: the teacher's layers and head are absent.
   jx_t = jax.make_jaxpr(fns.update)(params, opt_state, params, mb_t, jnp.float32(10.0)).jaxpr
   jx_0 = jax.make_jaxpr(fns.update)(params, opt_state, params, mb_0, jnp.float32(10.0)).jaxpr
   assert _dot_count(jx_0) < _dot_count(jx_t)
   # With SDPO rows, a NaN teacher does reach the loss (the test above would catch a silently skipped teacher).
   _, _, out_t = fns.update(params, opt_state, nan_teacher, mb_t, jnp.float32(10.0))
-  assert not bool(out_t["finite"])
+  assert not bool(out_t.finite)

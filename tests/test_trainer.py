@@ -4,14 +4,14 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from srpo_jax import metrics as M
 from srpo_jax import trainer as trainer_lib
 from srpo_jax.tokenizer import load_tokenizer
-from tests.e2e_utils import coin_reward, fast_config
+from srpo_jax import methods
+from tests.e2e_utils import coin_reward, coin_task, fast_config
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +27,11 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-@pytest.mark.parametrize("method", ["grpo", "sdpo", "srpo", "srpo_no_dw", "advantage_mix"])
+@pytest.mark.parametrize("method", methods.NAMES)
 def test_method_runs_end_to_end(method, tmp_path, tokenizer):
   cfg = fast_config(tmp_path, **{"algo.name": method})
-  tr = trainer_lib.Trainer(cfg, tokenizer=tokenizer)
-  tr.task.reward = coin_reward  # mixed groups, so every branch of the routing is exercised
+  # The coin reward gives mixed groups, so every branch of the routing is exercised.
+  tr = trainer_lib.Trainer(cfg, tokenizer=tokenizer, task=coin_task(cfg, tokenizer))
   params0, teacher0 = _leaves(tr.params), _leaves(tr.teacher)
   summary = tr.run()
 
@@ -40,19 +40,20 @@ def test_method_runs_end_to_end(method, tmp_path, tokenizer):
   for r in recs:
     assert math.isfinite(r[M.LOSS]) and r[M.OPTIM_GRAD_NORM] > 0
     fr = r[M.ROUTE_FRAC_GRPO] + r[M.ROUTE_FRAC_SDPO] + r[M.ROUTE_FRAC_FALLBACK]
-    assert r["policy/logp_max"] <= 0.0
+    assert r[M.POLICY_LOGP_MAX] <= 0.0
     if method == "grpo":
       assert r[M.ROUTE_FRAC_SDPO] == 0 and fr == pytest.approx(1.0)
-    if method in ("srpo", "srpo_no_dw"):
+    if method in ("srpo", "srpo_no_dw", "grpo_sdpo_all"):
       assert fr == pytest.approx(1.0)
     if method == "sdpo":
       assert r[M.ROUTE_FRAC_GRPO] == 0 and r[M.ROUTE_FRAC_FALLBACK] == 0
   assert any(r[M.ROUTE_FRAC_SDPO] > 0 for r in recs) == (method != "grpo")
-  if method == "srpo":
-    assert any("dw/mean" in r for r in recs)
-    for r in recs:
-      if "dw/mean" in r:
-        assert r["dw/mean"] == pytest.approx(1.0, abs=1e-5) and r["dw/min"] <= 1.0 <= r["dw/max"]
+  for r in recs:
+    assert 0.0 <= r[M.GRPO_DUAL_CLIP_FRAC] <= 1.0 and math.isfinite(r[M.GRPO_APPROX_KL])
+  assert any(M.DW_MEAN in r for r in recs) == (method == "srpo")
+  for r in recs:
+    if M.DW_MEAN in r:
+      assert r[M.DW_MEAN] == pytest.approx(1.0, abs=1e-5) and r[M.DW_MIN] <= 1.0 <= r[M.DW_MAX]
   # Parameters moved; the EMA teacher moved too (every method but GRPO), by 5% of the way.
   assert any(not np.array_equal(a, b) for a, b in zip(params0, _leaves(tr.params)))
   teacher_moved = any(not np.array_equal(a, b) for a, b in zip(teacher0, _leaves(tr.teacher)))
@@ -63,28 +64,27 @@ def test_method_runs_end_to_end(method, tmp_path, tokenizer):
   assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints")))[-1] == "2"
 
 
-def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, tokenizer, monkeypatch):
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, tokenizer):
   cfg = fast_config(tmp_path, **{"algo.name": "grpo", "train.steps": 5, "train.max_nonfinite_in_row": 2})
-  tr = trainer_lib.Trainer(cfg, tokenizer=tokenizer)
-  tr.task.reward = coin_reward
-  real = trainer_lib.adv_lib.group_advantages
+  # The step-0 evaluation and training step 1 score healthy rewards; every reward after that is NaN (so are the
+  # advantages and the loss).
+  healthy = cfg.eval.max_questions * cfg.eval.n_samples + cfg.rollout.prompts_per_step * cfg.rollout.n
   calls = {"n": 0}
 
-  def poisoned(*a, **k):  # step 1 is healthy; from step 2 on, the advantages are NaN
+  def poisoned(text, answer):
     calls["n"] += 1
-    out = real(*a, **k)
-    return out if calls["n"] == 1 else out * jnp.nan
+    return coin_reward(text, answer) if calls["n"] <= healthy else float("nan")
 
-  monkeypatch.setattr(trainer_lib.adv_lib, "group_advantages", poisoned)
+  tr = trainer_lib.Trainer(cfg, tokenizer=tokenizer, task=coin_task(cfg, tokenizer, reward=poisoned))
   with pytest.raises(trainer_lib.TrainingAborted, match="2 non-finite steps in a row"):
     tr.run()
   recs = {r["step"]: r for r in _records(tmp_path) if r["step"] > 0}
-  assert recs[1]["train/nonfinite_steps"] == 0 and recs[2]["train/nonfinite_steps"] == 1
+  assert recs[1][M.TRAIN_NONFINITE_STEPS] == 0 and recs[2][M.TRAIN_NONFINITE_STEPS] == 1
   # The last good checkpoint (step 1) is intact and finite; skipped steps did not change the parameters.
   from srpo_jax.checkpointing import Checkpointer
   ck = Checkpointer(cfg.checkpoint_dir)
   assert ck.latest_step() == 2
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tr._state())
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tr.state.arrays())
   s1, _ = ck.restore(1, abstract)
   s2, _ = ck.restore(2, abstract)
   for a, b in zip(_leaves(s1["params"]), _leaves(s2["params"])):

@@ -16,7 +16,8 @@ import pytest
 import srpo_jax
 from srpo_jax import metrics as M
 from srpo_jax import trainer as trainer_lib
-from tests.e2e_utils import REPO, coin_reward, fast_config, free_port
+from srpo_jax.tokenizer import load_tokenizer
+from tests.e2e_utils import REPO, coin_task, fast_config, free_port
 
 
 @pytest.fixture
@@ -41,8 +42,8 @@ def fake_server(tmp_path):
 def test_trainer_refits_sglang_every_step(tmp_path, fake_server):
   run_dir = tmp_path / "run"
   cfg = fast_config(run_dir, **{"algo.name": "grpo", "rollout.engine": "sglang", "rollout.sglang_url": fake_server})
-  tr = trainer_lib.Trainer(cfg)
-  tr.task.reward = coin_reward
+  tok = load_tokenizer()
+  tr = trainer_lib.Trainer(cfg, tokenizer=tok, task=coin_task(cfg, tok))
   summary = tr.run()
   assert summary["steps"] == 2
   info = json.load(urllib.request.urlopen(fake_server + "/get_model_info", timeout=5))

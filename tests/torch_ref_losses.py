@@ -36,6 +36,8 @@ def route(rewards: list[float], group_ids: list[int], method: str) -> tuple[list
       grpo.append(False), sdpo.append(has_teacher)
     elif method == "advantage_mix":
       grpo.append(True), sdpo.append(has_teacher)
+    elif method == "grpo_sdpo_all":  # ablation: distil every rollout with a teacher, GRPO on the rest
+      grpo.append(not has_teacher), sdpo.append(has_teacher)
     else:
       z_sdpo = (not correct) and has_teacher
       grpo.append(not z_sdpo), sdpo.append(z_sdpo)

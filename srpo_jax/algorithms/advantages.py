@@ -6,7 +6,7 @@
 Departures: the std is the unbiased (Bessel-corrected) one, as `torch.std` in verl's `compute_grpo_outcome_advantage`.
 A group of one rollout gets advantage 0 (the spec's formula; verl instead returns the raw reward there).
 
-Letters: B rollouts, G groups.
+Letters (the alphabet of `srpo_jax.models.qwen3`): B rollouts, G groups.
 """
 from __future__ import annotations
 

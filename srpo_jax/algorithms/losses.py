@@ -11,7 +11,9 @@ Steps, as the spec lists them:
    (`topk_jsd`, or `topk_logprobs_with_tail` + `generalized_jsd` when the log-probs come from the fused head),
    times the stop-gradient IS clip `min(exp(logp - old_logp), 2)` and the rollout weight (`sdpo_token_loss`).
 3. Entropy-aware dynamic weights `exp(-βH)` normalised to mean 1 over the SDPO tokens (`dw_weights`).
-4. Routed objective (`routed_objective`) for `grpo`, `sdpo`, `srpo`, `srpo_no_dw`, `advantage_mix`.
+4. Routed objective (`routed_objective`) for every `srpo_jax.methods.Method`: which rows carry which loss comes
+   from the routing masks; whether SDPO tokens are DW-weighted and how two losses on one rollout combine from the
+   record.
 
 Departures from the paper (which is silent there; the SDPO code decides): `add_tail=False` renormalises the top-k,
 as the SDPO code does; the endpoints α = 0 and α = 1 are the plain KLs KL(P_T‖P_S) and KL(P_S‖P_T), not limits of
@@ -31,10 +33,12 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from srpo_jax import methods
+# The tail-bucket maths lives with the fused head (its kernel owns it); re-exported here as `losses.*`.
+from srpo_jax.kernels.fused_head import TAIL_LSE_MAX, HeadOutputs, tail_log_prob, topk_logprobs_with_tail
+
 LOG_RATIO_CLIP = 20.0  # spec: ratio = exp(clip(logp - old_logp, -20, 20)).
-TAIL_LSE_MAX = -1e-7  # spec: tail = log(-expm1(min(logsumexp(top-k), -1e-7))).
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean")
-OBJECTIVE_METHODS = ("grpo", "sdpo", "srpo", "srpo_no_dw", "advantage_mix")
+LOSS_AGGS = methods.LOSS_AGGS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,23 +125,6 @@ def grpo_metrics(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, ma
 # ---------------------------------------------------------------------------------------------------------------
 # SDPO branch.
 # ---------------------------------------------------------------------------------------------------------------
-def tail_log_prob(topk_logp: jax.Array) -> jax.Array:
-  """`log(1 - Σ_k p)` over the last axis `[..., K] -> [...]`, as `log(-expm1(min(logsumexp, -1e-7)))`."""
-  lse = jax.nn.logsumexp(topk_logp, axis=-1)
-  return jnp.log(-jnp.expm1(jnp.minimum(lse, TAIL_LSE_MAX)))
-
-
-def topk_logprobs_with_tail(topk_logp: jax.Array, *, add_tail: bool = True) -> jax.Array:
-  """Top-k log-probs `[..., K]` (normalised over the full vocabulary) to a distribution's log-probs.
-
-  `add_tail=True`: `[..., K+1]`, the tail bucket appended (no renormalisation). `add_tail=False`: `[..., K]`
-  renormalised over the top-k (the SDPO code's behaviour without a tail).
-  """
-  if add_tail:
-    return jnp.concatenate([topk_logp, tail_log_prob(topk_logp)[..., None]], axis=-1)
-  return topk_logp - jax.nn.logsumexp(topk_logp, axis=-1, keepdims=True)
-
-
 def _kl(logp: jax.Array, logq: jax.Array) -> jax.Array:
   """KL(P‖Q) = Σ p (log p - log q) over the last axis."""
   return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
@@ -179,6 +166,19 @@ def topk_jsd(student_logits: jax.Array, teacher_logits: jax.Array, *, k: int = 1
                          topk_logprobs_with_tail(t_topk, add_tail=add_tail), alpha=alpha)
 
 
+def head_divergence(out: HeadOutputs, *, alpha: float = 0.5, add_tail: bool = True) -> jax.Array:
+  """Per-token SDPO divergence `[X]` from `kernels.fused_head` outputs; equals `topk_jsd` on the full logits."""
+  if out.teacher_topk_logp_XE1 is None:
+    raise ValueError("head_divergence: fused_head was called without teacher_hidden_XD")
+  student, teacher = out.student_topk_logp_XE1, out.teacher_topk_logp_XE1
+  if not add_tail:
+    # Drop the tail and renormalise the top-k, as `topk_logprobs_with_tail(add_tail=False)`.
+    num_e = out.topk_idx_XE.shape[-1]
+    student = topk_logprobs_with_tail(student[..., :num_e], add_tail=False)
+    teacher = topk_logprobs_with_tail(teacher[..., :num_e], add_tail=False)
+  return generalized_jsd(student, teacher, alpha=alpha)
+
+
 def sdpo_token_loss(divergence: jax.Array, logp: jax.Array, old_logp: jax.Array, *, is_clip: float = 2.0,
                     rollout_is_weights: Optional[jax.Array] = None) -> jax.Array:
   """Per-token SDPO loss `[B, T]`: divergence times `min(exp(logp - old_logp), is_clip)` (stop-gradient; exactly 1
@@ -214,25 +214,24 @@ def dw_weights(teacher_entropy: jax.Array, mask: jax.Array, beta: float = 1.0) -
 
 def routed_token_loss(grpo_loss_BT: Optional[jax.Array], sdpo_loss_BT: Optional[jax.Array],
                       dw_BT: Optional[jax.Array], grpo_route_B: jax.Array, sdpo_route_B: jax.Array, *,
-                      method: str = "srpo", mix_lambda: float = 0.9) -> jax.Array:
+                      method: str | methods.Method = "srpo", mix_lambda: float = 0.9) -> jax.Array:
   """The combined per-token loss `[B, T]` of each method before aggregation (see `routed_objective`).
 
   Losses of rollouts off a route are selected away with `where` (not multiplied by 0), so garbage there — e.g. an
   SDPO loss for rollouts that had no teacher forward — cannot leak NaNs.
   """
-  if method not in OBJECTIVE_METHODS:
-    raise ValueError(f"routed_objective: method must be one of {OBJECTIVE_METHODS}, got {method!r}")
+  method = methods.get(method)
   like = grpo_loss_BT if grpo_loss_BT is not None else sdpo_loss_BT
   zero = jnp.zeros(like.shape, jnp.float32)
   g_on = grpo_route_B.astype(bool)[:, None]
   s_on = sdpo_route_B.astype(bool)[:, None]
   grpo = zero if grpo_loss_BT is None else jnp.where(g_on, grpo_loss_BT.astype(jnp.float32), 0.0)
   sdpo = zero if sdpo_loss_BT is None else jnp.where(s_on, sdpo_loss_BT.astype(jnp.float32), 0.0)
-  if method == "srpo":
+  if method.dynamic_weighting:
     if dw_BT is None:
-      raise ValueError("routed_objective: method 'srpo' needs dw_BT (use 'srpo_no_dw' for w = 1)")
+      raise ValueError(f"routed_objective: method {method.name!r} needs dw_BT (DW weights)")
     sdpo = sdpo * jnp.where(s_on, jax.lax.stop_gradient(dw_BT), 0.0)
-  if method == "advantage_mix":
+  if method.combine == "mix":
     # λ·ℓ^GRPO + (1-λ)·ℓ^SDPO where the rollout has teacher information, ℓ^GRPO alone elsewhere.
     return jnp.where(s_on, mix_lambda * grpo + (1.0 - mix_lambda) * sdpo, grpo)
   return grpo + sdpo
@@ -240,7 +239,8 @@ def routed_token_loss(grpo_loss_BT: Optional[jax.Array], sdpo_loss_BT: Optional[
 
 def routed_objective(grpo_loss_BT: Optional[jax.Array], sdpo_loss_BT: Optional[jax.Array],
                      dw_BT: Optional[jax.Array], token_mask_BT: jax.Array, grpo_route_B: jax.Array,
-                     sdpo_route_B: jax.Array, *, method: str = "srpo", loss_agg: str = "token-mean",
+                     sdpo_route_B: jax.Array, *, method: str | methods.Method = "srpo",
+                     loss_agg: str = "token-mean",
                      mix_lambda: float = 0.9) -> tuple[jax.Array, jax.Array]:
   """(numerator, denominator) of the method's objective on this (micro-)batch; the loss is `num / den`.
 

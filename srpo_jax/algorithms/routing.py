@@ -1,20 +1,14 @@
 """SRPO sample routing (spec "SRPO: routing"; paper Tables 6 and 7).
 
-Correctness `c_i = [r_i >= 0.5]`; teacher availability `m_i = [exists j != i in the group with c_j = 1]`.
-Per method, which rollouts take which loss:
-
-| method          | GRPO mask            | SDPO mask         |
-|-----------------|----------------------|-------------------|
-| `grpo`          | all                  | none              |
-| `sdpo`          | none                 | `m_i` (correct too); others carry zero loss |
-| `srpo`,`srpo_no_dw` | `1 - z^SDPO`     | `z^SDPO = (1 - c_i) m_i` |
-| `advantage_mix` | all                  | `m_i` (both losses, mixed by λ in the objective) |
+Correctness `c_i = [r_i >= 0.5]`; teacher availability `m_i = [exists j != i in the group with c_j = 1]`. Which
+rollouts then take the GRPO and the SDPO loss is the method's (`srpo_jax.methods`: `Method.route_masks`); for SRPO,
+`z^SDPO = (1 - c_i) m_i` and GRPO takes the rest.
 
 The sibling index is the teacher information's source: the first correct sibling `j != i` in group (batch) order,
 or a uniformly random one (**option** `sibling_choice="random"`), -1 when there is none. A rollout is never its
 own teacher. Everything here is pure `jnp`: it runs on host numpy arrays and inside `jit` alike (`method` static).
 
-Letters: B rollouts.
+Letters (srpo_jax/models/qwen3.py): B rollouts.
 """
 from __future__ import annotations
 
@@ -25,7 +19,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-METHODS = ("grpo", "sdpo", "srpo", "srpo_no_dw", "advantage_mix")
+from srpo_jax import methods
+
 SIBLING_CHOICES = ("first", "random")
 CORRECT_THRESHOLD = 0.5
 
@@ -40,14 +35,14 @@ class Route(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("method", "sibling_choice"))
-def route(rewards: jax.Array, group_ids: jax.Array, *, method: str = "srpo", sibling_choice: str = "first",
+def route(rewards: jax.Array, group_ids: jax.Array, *, method: str | methods.Method = "srpo",
+          sibling_choice: str = "first",
           rng: jax.Array | None = None, correct_threshold: float = CORRECT_THRESHOLD) -> Route:
   """Routes rollouts with rewards `[B]` and group ids `[B]` (any ints; equal id = same prompt).
 
   `rng` is required only for `sibling_choice="random"`.
   """
-  if method not in METHODS:
-    raise ValueError(f"route: method must be one of {METHODS}, got {method!r}")
+  method = methods.get(method)
   if sibling_choice not in SIBLING_CHOICES:
     raise ValueError(f"route: sibling_choice must be one of {SIBLING_CHOICES}, got {sibling_choice!r}")
   rewards_B = jnp.asarray(rewards, jnp.float32)
@@ -67,16 +62,6 @@ def route(rewards: jax.Array, group_ids: jax.Array, *, method: str = "srpo", sib
       raise ValueError("route: sibling_choice='random' needs rng")
     score_BB = jnp.where(candidate_BB, 1.0 + jax.random.uniform(rng, (num, num)), 0.0)
   sibling_B = jnp.where(has_teacher_B, jnp.argmax(score_BB, axis=1), -1).astype(jnp.int32)
-  all_B = jnp.ones_like(correct_B)
-  none_B = jnp.zeros_like(correct_B)
-  if method == "grpo":
-    grpo_B, sdpo_B = all_B, none_B
-  elif method == "sdpo":
-    grpo_B, sdpo_B = none_B, has_teacher_B
-  elif method == "advantage_mix":
-    grpo_B, sdpo_B = all_B, has_teacher_B
-  else:  # srpo, srpo_no_dw
-    sdpo_B = ~correct_B & has_teacher_B
-    grpo_B = ~sdpo_B
+  grpo_B, sdpo_B = method.route_masks(correct_B, has_teacher_B)
   return Route(grpo_B=grpo_B, sdpo_B=sdpo_B, sibling_B=sibling_B, correct_B=correct_B,
                has_teacher_B=has_teacher_B)

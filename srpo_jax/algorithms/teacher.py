@@ -7,21 +7,22 @@ prompt keeps the original system message(s) and replaces the user turn by exactl
     "{original user message}\\nCorrect solution:\\n\\n{sibling response}\\n\\nCorrectly solve the original question."
 
 with `<think>...</think>` and the whitespace after it removed from the sibling, rendered with Qwen3's chat template
-(thinking off, generation prompt added). The teacher re-scores the student's own response after this prompt.
+(thinking off, generation prompt added). The teacher re-scores the student's own response after this prompt. This is
+the template of the configuration the official SDPO code runs (its actor.yaml), not a departure.
 
-Departure from the SDPO code: its default templates give `...{solution}\\n\\n\\n\\nCorrectly solve the original
-question.\\n` (solution template ends in "\\n\\n", reprompt template adds "\\n\\n" and a final "\\n"); the spec fixes the
-single "\\n\\n" form above, which is what is built here. SDPO truncates an over-long teacher prompt from the right as a
-whole (cutting the generation prompt); here only the sibling solution is cut (its end), so the template's head
-(system, question) and tail (closing instruction and generation prompt) stay intact (`build_teacher_prompt_ids`).
+Departure from the SDPO code: SDPO truncates an over-long teacher prompt from the right as a whole (cutting the
+generation prompt); here only the sibling solution is cut (its end), so the template's head (system, question) and
+tail (closing instruction and generation prompt) stay intact (`build_teacher_prompt_ids`).
+
+Nothing here imports the data package (or a tokenizer): `build_teacher_prompt_ids` takes the chat-template renderer
+and the text encoder as callables, e.g. `render_messages` and `encode_text` of data/prompts.py bound to one tokenizer.
 """
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Callable
 
-
-from srpo_jax.data.prompts import Messages, encode_text, render_messages
+Messages = list[dict[str, str]]  # chat messages (the `Messages` of data/prompts.py).
 
 _THINK_OPEN = "<think>"
 _THINK_CLOSE = "</think>"
@@ -67,9 +68,13 @@ def teacher_messages(messages: Messages, sibling_response: str) -> Messages:
   return systems + [{"role": "user", "content": teacher_user_content(users[0]["content"], sibling_response)}]
 
 
-def build_teacher_prompt_ids(messages: Messages, sibling_response: str, tokenizer: Any,
-                             max_tokens: int = 10240) -> tuple[list[int], bool]:
-  """Token ids [T] of the rendered teacher prompt, and whether the sibling solution had to be cut.
+def build_teacher_prompt_ids(messages: Messages, sibling_response: str, *, render: Callable[[Messages], str],
+                             encode: Callable[[str], list[int]], max_tokens: int = 10240) -> tuple[list[int], bool]:
+  """Token ids of the rendered teacher prompt, and whether the sibling solution had to be cut.
+
+  render: chat messages -> the chat-template string with the generation prompt (e.g.
+  `functools.partial(prompts.render_messages, tokenizer)`); encode: a rendered string -> its token ids without added
+  special tokens (e.g. `functools.partial(prompts.encode_text, tokenizer)`).
 
   When the whole prompt fits in `max_tokens` the ids are exactly `encode(render(teacher_messages(...)))`.
   Otherwise the rendered string is split around the solution into head (template, system, question, "Correct
@@ -80,19 +85,19 @@ def build_teacher_prompt_ids(messages: Messages, sibling_response: str, tokenize
   """
   if max_tokens <= 0:
     raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
-  full_ids = encode_text(tokenizer, render_messages(tokenizer, teacher_messages(messages, sibling_response)))
+  full_ids = list(encode(render(teacher_messages(messages, sibling_response))))
   if len(full_ids) <= max_tokens:
     return full_ids, False
   solution = strip_think(sibling_response)
   # Render once with a marker in place of the solution to find the template's head and tail around it.
   marker = "\u2063SRPO_SOLUTION_MARKER\u2063"
-  rendered = render_messages(tokenizer, teacher_messages(messages, marker))
+  rendered = render(teacher_messages(messages, marker))
   if rendered.count(marker) != 1:
     raise ValueError("the solution marker must occur exactly once in the rendered teacher prompt")
   head, tail = rendered.split(marker)
-  head_ids, tail_ids = encode_text(tokenizer, head), encode_text(tokenizer, tail)
+  head_ids, tail_ids = list(encode(head)), list(encode(tail))
   # Never negative: when head and tail alone exceed the limit the whole solution goes and the result is longer
   # than `max_tokens` (the question is never cut); the caller sees truncated=True and may skip the rollout.
   budget = max(max_tokens - len(head_ids) - len(tail_ids), 0)
-  solution_ids = encode_text(tokenizer, solution)[:budget]
+  solution_ids = list(encode(solution))[:budget]
   return head_ids + solution_ids + tail_ids, True

@@ -66,9 +66,10 @@ class DataFileMissing(FileNotFoundError):
 
 
 def default_cache_dir() -> Path:
-  """Per-user cache: `$XDG_CACHE_HOME/srpo_jax/data`, else `~/.cache/srpo_jax/data`."""
-  base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-  return Path(base) / "srpo_jax" / "data"
+  """Per-user cache: `srpo_jax.paths.data_cache_dir()` (`$SRPO_CACHE_DIR/data`, else `$XDG_CACHE_HOME/srpo_jax/data`,
+  else `~/.cache/srpo_jax/data`)."""
+  from srpo_jax import paths  # the one cache root
+  return paths.data_cache_dir()
 
 
 def resolve_data_dir(configured: str | os.PathLike | None) -> Path:
@@ -88,6 +89,16 @@ def split_path(data_dir: str | os.PathLike | None, task: str, split: str) -> Pat
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
   return resolve_data_dir(data_dir) / task / f"{split}.json"
+
+
+def required_data_files(task: str) -> tuple[str, ...]:
+  """The files `task` reads, relative to the data directory (the layout of `split_path`); () for the generated
+  synthetic task."""
+  if task == "synthetic":
+    return ()
+  if task not in TASKS:
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS + ('synthetic',)}")
+  return tuple(f"{task}/{split}.json" for split in SPLITS)
 
 
 def _missing_message(task: str, split: str, path: Path) -> str:
@@ -182,8 +193,3 @@ def load_split(task: str, split: str, data_dir: str | os.PathLike | None = None,
   if not path.is_file():
     raise DataFileMissing(_missing_message(task, split, path))
   return read_jsonl(path, task, split, on_error=on_error)
-
-
-def load_rows(task: str, split: str, data_dir: str | os.PathLike | None = None) -> list[Row]:
-  """The rows of a split (strict validation); convenience for `list(load_split(...).rows)`."""
-  return list(load_split(task, split, data_dir).rows)

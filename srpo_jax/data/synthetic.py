@@ -15,7 +15,9 @@ Held-out split: each question's text is hashed (SHA-1) and 1 in 5 questions belo
 for every seed; so the splits are disjoint by construction and the test set is a fixed part of the question space.
 Within a split, a seed draws the questions i.i.d. (family, then answer class, then values: balanced letters).
 
-`warmstart_examples` builds a short supervised warm-start for the answer FORMAT that does not teach the task.
+`warmstart_examples` builds a short supervised warm-start for the answer FORMAT that does not teach the task. It takes
+the SDPO teacher-prompt builder as an argument (`teacher_messages` of algorithms/teacher.py): the data package imports
+nothing from the algorithms package.
 """
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from srpo_jax.algorithms.teacher import teacher_messages
 from srpo_jax.data.benchmarks import Row
 from srpo_jax.data.prompts import Messages, build_messages
 
@@ -116,11 +117,6 @@ def make_train_test(n_train: int, n_test: int, seed: int = 0, difficulty: int = 
   return (make_split(n_train, seed, difficulty, "train"), make_split(n_test, seed, difficulty, "test"))
 
 
-def oracle_response(row: Row) -> str:
-  """The response that scores 1 under `mcq_reward`."""
-  return f"<answer>{row.answer}</answer>"
-
-
 @dataclasses.dataclass(frozen=True)
 class WarmstartExample:
   """A supervised format example: chat `messages` (generation prompt to be added) and the `target` response text
@@ -130,8 +126,12 @@ class WarmstartExample:
   kind: str
 
 
-def warmstart_examples(n: int, seed: int = 0, difficulty: int = 2) -> list[WarmstartExample]:
+def warmstart_examples(n: int, seed: int = 0, difficulty: int = 2, *,
+                       teacher_messages: Callable[[Messages, str], Messages]) -> list[WarmstartExample]:
   """`n` examples for a supervised format warm-start that does NOT teach the answers.
+
+  teacher_messages: (student messages, sibling response) -> the SDPO teacher prompt's messages
+  (`teacher_messages` of algorithms/teacher.py).
 
   Alternating, starting with (a):
     (a) "format": a train question with a uniformly random letter X as target `<answer>X</answer>`: teaches the

@@ -5,6 +5,9 @@ Load reads tensor by tensor (safetensors memory-maps each file), converts one te
 holds a second full copy of the model. Export writes config.json, safetensors shards with an index, and the tokenizer
 files when given, into a temporary directory that is renamed into place (a reader — SGLang's refit — never sees a
 half-written checkpoint).
+
+Letters (the alphabet of `srpo_jax.models.qwen3`): D model width, N query heads, H head dim ("heads" is N for q, K
+for k and v).
 """
 from __future__ import annotations
 

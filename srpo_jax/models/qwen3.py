@@ -1,16 +1,42 @@
 """Qwen3 (dense) in Flax NNX.
 
-Dimension letters, used in einsums, shapes and suffixes throughout srpo_jax:
-  B batch, T query length, S key/cache length, D model width, N query heads, K key/value heads,
-  G query heads per kv head (N = K*G), H head dim, F MLP width, V vocabulary, L layers.
+Dimension letters: the one alphabet of srpo_jax, for einsums, shape suffixes (`x_BSD`) and shapes in docstrings in
+every module (each module's "Letters:" line points here and names the letters it uses).
+  B   batch: rollouts (the sampler's rows)
+  S   sequence positions: prompt + response (S = P + T); the sampler's KV cache has S = P + T slots
+  P   prompt positions
+  T   response positions (in the sampler: max new tokens)
+  D   model width
+  F   MLP width
+  L   layers
+  N   query heads
+  K   key/value heads
+  H   head dim
+  V   vocabulary
+  G   groups (prompts: the rollouts of one prompt form a group)
+  C   teacher rows (the SDPO-routed rollouts of a micro-batch)
+  M   micro-batches
+  X   flattened tokens (B·T)
+  E   top-k entries (E1 = E + 1 with the tail bucket)
+Local letters, used only where their module says so:
+  Q   query positions inside the decoder (the positions a forward computes: S without a cache, P at prefill, 1 per
+      decode step); attention keys are the S positions (or cache slots)
+  R   query heads per key/value head (N = K·R)
+  U   vocabulary blocks of W tokens in the sampler (V = U·W, padded when W does not divide V)
+  W   tokens per vocabulary block (sampler)
+  A   any last axis of a generic sampler helper (E, U or W)
+  t   (lowercase) the rows of one token tile in the fused head (a tile of X)
 
 Architecture (matches transformers' `Qwen3ForCausalLM`): token embedding; per layer RMSNorm → GQA attention with
 per-head RMSNorm on q and k *before* rotate-half RoPE → residual → RMSNorm → SwiGLU MLP → residual; final RMSNorm;
 tied or untied LM head. Parameters carry `logical_axes` metadata that `srpo_jax.sharding` maps to mesh axes.
 
 Positions are explicit: left padding works because each token's position is its index among the valid tokens of its
-row (`positions_from_mask`). The KV cache is static-size: prefill writes the prompt at slots [0, T), each decode step
+row (`positions_from_mask`). The KV cache is static-size: prefill writes the prompt at slots [0, P), each decode step
 writes one slot, and attention only reads valid slots at or before the query's slot.
+
+Letters (see the alphabet above): B, S, P, T, D, F, L, N, K, H, V; locally Q query positions, R query heads per
+key/value head.
 """
 from __future__ import annotations
 
@@ -138,7 +164,8 @@ class Qwen3Config:
     return dataclasses.replace(cls(), **{**PRESETS[name], **overrides})
 
   @property
-  def num_groups(self) -> int:
+  def q_heads_per_kv_head(self) -> int:
+    """R: query heads sharing one key/value head (N = K·R)."""
     return self.num_attention_heads // self.num_key_value_heads
 
 
@@ -186,12 +213,12 @@ class KVCache:
     return self.k.shape[2]
 
 
-def positions_from_mask(attention_mask_BT: jax.Array) -> jax.Array:
+def positions_from_mask(attention_mask_BS: jax.Array) -> jax.Array:
   """Position of each token among the valid tokens of its row; padding gets 0.
 
   Left padding [0 0 1 1 1] → [0 0 0 1 2]; right padding [1 1 1 0 0] → [0 1 2 0 0] (padding rows carry no loss).
   """
-  m = attention_mask_BT.astype(jnp.int32)
+  m = attention_mask_BS.astype(jnp.int32)
   return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0) * m
 
 
@@ -215,22 +242,23 @@ class RMSNorm(nnx.Module):
     return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
 
 
-def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
-  """Rotate-half rotary embedding (HF `apply_rotary_pos_emb`); angles computed in float32."""
-  h = x_BTNH.shape[-1]
+def rope(x_BQNH: jax.Array, positions_BQ: jax.Array, theta: float) -> jax.Array:
+  """Rotate-half rotary embedding (HF `apply_rotary_pos_emb`); angles computed in float32. The head axis may be N
+  (queries) or K (keys)."""
+  h = x_BQNH.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-  angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
-  cos, sin = jnp.cos(angles).astype(x_BTNH.dtype), jnp.sin(angles).astype(x_BTNH.dtype)
-  x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
-  return x_BTNH * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+  angles = positions_BQ.astype(jnp.float32)[..., None] * inv_freq  # [B, Q, H/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, Q, 1, H]
+  cos, sin = jnp.cos(angles).astype(x_BQNH.dtype), jnp.sin(angles).astype(x_BQNH.dtype)
+  x1, x2 = jnp.split(x_BQNH, 2, axis=-1)
+  return x_BQNH * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
 class Attention(nnx.Module):
   def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
     d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     pd, std = as_dtype(cfg.param_dtype), 0.02
-    self.num_groups, self.head_dim, self.rope_theta = cfg.num_groups, h, cfg.rope_theta
+    self.q_heads_per_kv_head, self.head_dim, self.rope_theta = cfg.q_heads_per_kv_head, h, cfg.rope_theta
     self.dtype = as_dtype(cfg.dtype)
     self.q = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), pd, std)
     self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std)
@@ -245,27 +273,29 @@ class Attention(nnx.Module):
     self.q_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim", rngs=rngs)
     self.k_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim", rngs=rngs)
 
-  def _proj(self, x, w, b):
-    y = jnp.einsum("BTD,DNH->BTNH", x, w[...].astype(self.dtype))
+  def _proj(self, x_BQD, w, b):
+    """[B, Q, D] @ [D, heads, H] -> [B, Q, heads, H] (heads: N for q, K for k and v)."""
+    y = jnp.einsum("BQD,D...->BQ...", x_BQD, w[...].astype(self.dtype))
     return y if b is None else y + b[...].astype(self.dtype)
 
-  def __call__(self, x_BTD, positions_BT, mask_BTS, kv_cache=None):
-    """kv_cache: None, or (k_BSKH, v_BSKH, write_index) — the new k/v are written at slots write_index + [0, T)."""
-    q = rope(self.q_norm(self._proj(x_BTD, self.q, self.q_bias)), positions_BT, self.rope_theta)
-    k = rope(self.k_norm(self._proj(x_BTD, self.k, self.k_bias)), positions_BT, self.rope_theta)
-    v = self._proj(x_BTD, self.v, self.v_bias)
+  def __call__(self, x_BQD, positions_BQ, mask_BQS, kv_cache=None):
+    """kv_cache: None, or (k_BSKH, v_BSKH, write_index) — the new k/v are written at slots write_index + [0, Q)."""
+    q = rope(self.q_norm(self._proj(x_BQD, self.q, self.q_bias)), positions_BQ, self.rope_theta)
+    k = rope(self.k_norm(self._proj(x_BQD, self.k, self.k_bias)), positions_BQ, self.rope_theta)
+    v = self._proj(x_BQD, self.v, self.v_bias)
     if kv_cache is not None:
       k_cache, v_cache, index = kv_cache
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-    b, t, n, h = q.shape
-    q = q.reshape(b, t, n // self.num_groups, self.num_groups, h)  # [B, T, K, G, H]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k.astype(q.dtype)).astype(jnp.float32) * h ** -0.5
+    b, num_q, n, h = q.shape
+    r = self.q_heads_per_kv_head
+    q = q.reshape(b, num_q, n // r, r, h)  # [B, Q, K, R, H]
+    scores = jnp.einsum("BQKRH,BSKH->BKRQS", q, k.astype(q.dtype)).astype(jnp.float32) * h ** -0.5
     # A finite fill (not -inf) keeps fully-masked rows (left-padding queries) NaN-free; they carry no loss.
-    scores = jnp.where(mask_BTS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.where(mask_BQS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(self.dtype)).reshape(b, t, n, h)
-    y = jnp.einsum("BTNH,NHD->BTD", out, self.o[...].astype(self.dtype))
+    out = jnp.einsum("BKRQS,BSKH->BQKRH", probs, v.astype(self.dtype)).reshape(b, num_q, n, h)
+    y = jnp.einsum("BQNH,NHD->BQD", out, self.o[...].astype(self.dtype))
     return y, (k, v)
 
 
@@ -277,11 +307,11 @@ class MLP(nnx.Module):
     self.up = _param(rngs, (d, f), ("embed", "mlp"), pd, 0.02)
     self.down = _param(rngs, (f, d), ("mlp", "embed"), pd, 0.02)
 
-  def __call__(self, x_BTD):
+  def __call__(self, x_BQD):
     dt = self.dtype
-    g = jnp.einsum("BTD,DF->BTF", x_BTD, self.gate[...].astype(dt))
-    u = jnp.einsum("BTD,DF->BTF", x_BTD, self.up[...].astype(dt))
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(g) * u, self.down[...].astype(dt))
+    g = jnp.einsum("BQD,DF->BQF", x_BQD, self.gate[...].astype(dt))
+    u = jnp.einsum("BQD,DF->BQF", x_BQD, self.up[...].astype(dt))
+    return jnp.einsum("BQF,FD->BQD", jax.nn.silu(g) * u, self.down[...].astype(dt))
 
 
 class DecoderLayer(nnx.Module):
@@ -292,17 +322,17 @@ class DecoderLayer(nnx.Module):
     self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, axis="norm", rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BTD, positions_BT, mask_BTS, kv_cache=None):
-    a, new_kv = self.attn(self.input_norm(x_BTD), positions_BT, mask_BTS, kv_cache)
-    x_BTD = x_BTD + a
-    return x_BTD + self.mlp(self.post_attn_norm(x_BTD)), new_kv
+  def __call__(self, x_BQD, positions_BQ, mask_BQS, kv_cache=None):
+    a, new_kv = self.attn(self.input_norm(x_BQD), positions_BQ, mask_BQS, kv_cache)
+    x_BQD = x_BQD + a
+    return x_BQD + self.mlp(self.post_attn_norm(x_BQD)), new_kv
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------------------------------
 class Qwen3(nnx.Module):
-  """Qwen3ForCausalLM. `model(input_ids, attention_mask=None, positions=None)` → float32 logits [B, T, V]."""
+  """Qwen3ForCausalLM. `model(input_ids, attention_mask=None, positions=None)` → float32 logits [B, S, V]."""
 
   def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
     self.config = cfg
@@ -319,22 +349,23 @@ class Qwen3(nnx.Module):
     """The LM-head matrix as [D, V] (the transposed embedding when tied)."""
     return self.embed[...].T if self.lm_head is None else self.lm_head[...]
 
-  def logits(self, hidden_BTD: jax.Array) -> jax.Array:
-    """Float32 logits from final hidden states (matmul in the compute dtype, accumulated in float32)."""
-    return jnp.einsum("BTD,DV->BTV", hidden_BTD, self.head_weight().astype(hidden_BTD.dtype),
+  def logits(self, hidden_BSD: jax.Array) -> jax.Array:
+    """Float32 logits [B, S, V] from final hidden states [B, S, D] (any run of positions; matmul in the compute
+    dtype, accumulated in float32)."""
+    return jnp.einsum("BSD,DV->BSV", hidden_BSD, self.head_weight().astype(hidden_BSD.dtype),
                       preferred_element_type=jnp.float32)
 
-  def hidden_states(self, input_ids_BT, attention_mask_BT=None, positions_BT=None):
-    """Final-normed hidden states [B, T, D] in the compute dtype (full causal + padding mask, no cache)."""
-    b, t = input_ids_BT.shape
-    if attention_mask_BT is None:
-      attention_mask_BT = jnp.ones((b, t), jnp.bool_)
-    attention_mask_BT = attention_mask_BT.astype(jnp.bool_)
-    if positions_BT is None:
-      positions_BT = positions_from_mask(attention_mask_BT)
-    causal_TS = jnp.tril(jnp.ones((t, t), jnp.bool_))
-    mask_BTS = causal_TS[None] & attention_mask_BT[:, None, :]
-    h, _ = self._run_layers(input_ids_BT, positions_BT, mask_BTS, None, 0)
+  def hidden_states(self, input_ids_BS, attention_mask_BS=None, positions_BS=None):
+    """Final-normed hidden states [B, S, D] in the compute dtype (full causal + padding mask, no cache)."""
+    b, s = input_ids_BS.shape
+    if attention_mask_BS is None:
+      attention_mask_BS = jnp.ones((b, s), jnp.bool_)
+    attention_mask_BS = attention_mask_BS.astype(jnp.bool_)
+    if positions_BS is None:
+      positions_BS = positions_from_mask(attention_mask_BS)
+    causal_QS = jnp.tril(jnp.ones((s, s), jnp.bool_))  # every position is a query here: Q = S
+    mask_BQS = causal_QS[None] & attention_mask_BS[:, None, :]
+    h, _ = self._run_layers(input_ids_BS, positions_BS, mask_BQS, None, 0)
     return h
 
   def __call__(self, input_ids, attention_mask=None, positions=None):
@@ -347,30 +378,30 @@ class Qwen3(nnx.Module):
     dt = self.dtype if dtype is None else as_dtype(dtype)
     return KVCache(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt), valid=jnp.zeros((batch, max_len), jnp.bool_))
 
-  def forward_with_cache(self, input_ids_BT, positions_BT, attention_mask_BT, cache: KVCache, index):
-    """Runs T new tokens written at cache slots [index, index + T); returns (hidden [B, T, D], updated cache).
+  def forward_with_cache(self, input_ids_BQ, positions_BQ, attention_mask_BQ, cache: KVCache, index):
+    """Runs Q new tokens written at cache slots [index, index + Q); returns (hidden [B, Q, D], updated cache).
 
-    Prefill: index 0, the left-padded prompt. Decode: T = 1 at index = prompt length + steps so far. Query t sits at
-    slot index + t and attends to valid slots s <= index + t.
+    Prefill: index 0, the left-padded prompt (Q = P). Decode: Q = 1 at index = P + steps so far. Query q sits at
+    slot index + q and attends to valid slots s <= index + q.
     """
-    b, t = input_ids_BT.shape
-    valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask_BT.astype(jnp.bool_), (0, index))
+    num_q = input_ids_BQ.shape[1]
+    valid_BS = jax.lax.dynamic_update_slice(cache.valid, attention_mask_BQ.astype(jnp.bool_), (0, index))
     slots_S = jnp.arange(cache.max_len)
-    q_slots_T = index + jnp.arange(t)
-    mask_BTS = (slots_S[None, :] <= q_slots_T[:, None])[None] & valid[:, None, :]
-    h, (ks, vs) = self._run_layers(input_ids_BT, positions_BT, mask_BTS, cache, index)
-    return h, KVCache(k=ks, v=vs, valid=valid)
+    q_slots_Q = index + jnp.arange(num_q)
+    mask_BQS = (slots_S[None, :] <= q_slots_Q[:, None])[None] & valid_BS[:, None, :]
+    h, (ks, vs) = self._run_layers(input_ids_BQ, positions_BQ, mask_BQS, cache, index)
+    return h, KVCache(k=ks, v=vs, valid=valid_BS)
 
-  def _run_layers(self, input_ids_BT, positions_BT, mask_BTS, cache, index):
-    x = jnp.take(self.embed[...], input_ids_BT, axis=0).astype(self.dtype)
+  def _run_layers(self, input_ids_BQ, positions_BQ, mask_BQS, cache, index):
+    x = jnp.take(self.embed[...], input_ids_BQ, axis=0).astype(self.dtype)
     ks, vs = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i], index)
       if self.config.remat and cache is None:
         # Rematerialise each layer in the backward pass: activations of one layer at a time (training path only).
-        x, new_kv = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, positions_BT, mask_BTS)
+        x, new_kv = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, positions_BQ, mask_BQS)
       else:
-        x, new_kv = layer(x, positions_BT, mask_BTS, kv)
+        x, new_kv = layer(x, positions_BQ, mask_BQS, kv)
       ks.append(new_kv[0])
       vs.append(new_kv[1])
     h = self.final_norm(x)

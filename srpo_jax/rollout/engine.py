@@ -2,6 +2,8 @@
 
 An engine turns prompts (token ids) into sampled responses with the sampler's own per-token log-probs, which the
 trainer needs for the truncated rollout importance weights (spec: `w_roll = min(exp(logp_old - logp_roll), 2)`).
+
+Letters (the alphabet of `srpo_jax.models.qwen3`): T response positions (one completion's tokens).
 """
 from __future__ import annotations
 

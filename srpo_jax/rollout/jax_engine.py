@@ -1,14 +1,15 @@
 """In-process JAX sampler: batched left-padded prefill, then a jitted `lax.while_loop` of pure decode steps.
 
-Dimension letters: B batch rows (prompts × n samples, padded to a batch bucket), P padded prompt length (a prompt
-bucket), N max new tokens, S = P + N cache slots, D model width, V vocabulary.
+Letters (the alphabet of `srpo_jax.models.qwen3`): B batch rows (prompts × n samples, padded to a batch bucket), P
+padded prompt length (a prompt bucket), T max new tokens, S = P + T cache slots, D model width, V vocabulary; Q the
+positions one model call computes (P at prefill, 1 per decode step).
 
 One generate() call:
   1. rows = every prompt repeated n times; split into chunks of at most `max_batch` rows;
   2. per chunk, LEFT-pad the prompts to P = the smallest prompt bucket that fits and the rows to the smallest batch
-     bucket (padding rows start finished), so a run compiles one program per (B, P, N, strategy) and no more;
-  3. the compiled program prefills the static KV cache of S = P + N slots, then loops `decode_step` until every row
-     has stopped or N tokens were drawn (`SamplerState` is the loop carry);
+     bucket (padding rows start finished), so a run compiles one program per (B, P, T, strategy) and no more;
+  3. the compiled program prefills the static KV cache of S = P + T slots, then loops `decode_step` until every row
+     has stopped or T tokens were drawn (`SamplerState` is the loop carry);
   4. per row, the tokens up to and including the stop token (and their log-probs) become a Completion.
 
 Randomness: row r = prompt_index * n + sample_index draws its step-t uniform from
@@ -50,10 +51,10 @@ class SamplerState:
 
   step:        [] int32, tokens drawn so far (all rows advance together; finished rows idle).
   hidden_BD:   final hidden state of the last token fed; the next token's logits come from it.
-  cache:       KVCache with S = P + N slots: the prompt at [0, P), the token drawn at step t at slot P + t.
+  cache:       KVCache with S = P + T slots: the prompt at [0, P), the token drawn at step t at slot P + t.
   next_pos_B:  RoPE position of the next token fed (= prompt length + step; padding does not count).
-  tokens_BN:   drawn tokens; the pad id after a row stops.
-  logprobs_BN: their log-probs (see sampling.py); 0 after a row stops.
+  tokens_BT:   drawn tokens; the pad id after a row stops.
+  logprobs_BT: their log-probs (see sampling.py); 0 after a row stops.
   done_B:      the row has stopped (drew a stop token) or is a batch-padding row.
   length_B:    tokens kept per row (the stop token included).
   key_B:       per-row PRNG key (typed key array).
@@ -62,8 +63,8 @@ class SamplerState:
   hidden_BD: jax.Array
   cache: KVCache
   next_pos_B: jax.Array
-  tokens_BN: jax.Array
-  logprobs_BN: jax.Array
+  tokens_BT: jax.Array
+  logprobs_BT: jax.Array
   done_B: jax.Array
   length_B: jax.Array
   key_B: jax.Array
@@ -90,17 +91,17 @@ def decode_step(model: Qwen3, strategy: sampling_lib.Strategy, inputs: StepInput
   tok_B, logp_B = sampling_lib.sample(strategy, logits_BV, _uniforms(s.key_B, s.step), inputs.temperature,
                                       inputs.top_p)
   # Rows that stopped earlier (or are batch padding) record padding: pad id, log-prob 0, length unchanged.
-  tokens_BN = s.tokens_BN.at[:, s.step].set(jnp.where(s.done_B, inputs.pad_id, tok_B))
-  logprobs_BN = s.logprobs_BN.at[:, s.step].set(jnp.where(s.done_B, 0.0, logp_B))
+  tokens_BT = s.tokens_BT.at[:, s.step].set(jnp.where(s.done_B, inputs.pad_id, tok_B))
+  logprobs_BT = s.logprobs_BT.at[:, s.step].set(jnp.where(s.done_B, 0.0, logp_B))
   length_B = s.length_B + (~s.done_B).astype(jnp.int32)
   # Stopping condition 1 (per row): the token just drawn is an EOS id or one of sampling.stop_token_ids.
   done_B = s.done_B | inputs.is_stop_V[tok_B]
   # Feed the drawn token (finished rows feed token 0, a valid embedding row; nothing reads their output).
   feed_B = jnp.where(s.done_B, 0, tok_B)
-  h_BTD, cache = model.forward_with_cache(feed_B[:, None], s.next_pos_B[:, None], ~s.done_B[:, None], s.cache,
+  h_BQD, cache = model.forward_with_cache(feed_B[:, None], s.next_pos_B[:, None], ~s.done_B[:, None], s.cache,
                                           prompt_len + s.step)
-  return SamplerState(step=s.step + 1, hidden_BD=h_BTD[:, 0], cache=cache, next_pos_B=s.next_pos_B + 1,
-                      tokens_BN=tokens_BN, logprobs_BN=logprobs_BN, done_B=done_B, length_B=length_B, key_B=s.key_B)
+  return SamplerState(step=s.step + 1, hidden_BD=h_BQD[:, 0], cache=cache, next_pos_B=s.next_pos_B + 1,
+                      tokens_BT=tokens_BT, logprobs_BT=logprobs_BT, done_B=done_B, length_B=length_B, key_B=s.key_B)
 
 
 def prefill(model: Qwen3, ids_BP: jax.Array, mask_BP: jax.Array, row_ids_B: jax.Array, live_B: jax.Array,
@@ -115,25 +116,25 @@ def prefill(model: Qwen3, ids_BP: jax.Array, mask_BP: jax.Array, row_ids_B: jax.
   return SamplerState(
       step=jnp.zeros((), jnp.int32), hidden_BD=h_BPD[:, -1], cache=cache,
       next_pos_B=jnp.sum(mask_BP, axis=-1, dtype=jnp.int32),
-      tokens_BN=jnp.full((b, max_new_tokens), inputs.pad_id, jnp.int32),
-      logprobs_BN=jnp.zeros((b, max_new_tokens), jnp.float32),
+      tokens_BT=jnp.full((b, max_new_tokens), inputs.pad_id, jnp.int32),
+      logprobs_BT=jnp.zeros((b, max_new_tokens), jnp.float32),
       done_B=~live_B, length_B=jnp.zeros((b,), jnp.int32), key_B=key_B)
 
 
 def run_sampler(graphdef, state, ids_BP, mask_BP, row_ids_B, live_B, seed, inputs: StepInputs, *,
                 strategy: sampling_lib.Strategy, max_new_tokens: int, cache_sharding=None):
-  """The compiled program: prefill, then decode until done. Returns (tokens [B, N], log-probs [B, N], lengths [B])."""
+  """The compiled program: prefill, then decode until done. Returns (tokens [B, T], log-probs [B, T], lengths [B])."""
   model = nnx.merge(graphdef, state)
   prompt_len = ids_BP.shape[1]
   s = prefill(model, ids_BP, mask_BP, row_ids_B, live_B, seed, inputs, max_new_tokens, cache_sharding)
 
   def cond(s: SamplerState):
-    # Stopping condition 2: N = max_new_tokens drawn (rows still running finish with "length").
+    # Stopping condition 2: T = max_new_tokens drawn (rows still running finish with "length").
     # Stopping condition 3: every row has stopped: exit early instead of decoding padding.
     return (s.step < max_new_tokens) & ~jnp.all(s.done_B)
 
   s = jax.lax.while_loop(cond, functools.partial(decode_step, model, strategy, inputs, prompt_len), s)
-  return s.tokens_BN, s.logprobs_BN, s.length_B
+  return s.tokens_BT, s.logprobs_BT, s.length_B
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ def _as_state(params) -> tuple[Any, nnx.State]:
   raise TypeError(f"params must be a Qwen3, a (graphdef, nnx.State) pair or an nnx.State, got {type(params).__name__}")
 
 
-def bucket(n: int, buckets: Sequence[int], multiple_of: int = 1) -> int:
+def smallest_bucket(n: int, buckets: Sequence[int], multiple_of: int = 1) -> int:
   """The smallest bucket >= n (rounded up to a multiple of `multiple_of`); past the largest, a multiple of it."""
   fits = [b for b in buckets if b >= n]
   b = fits[0] if fits else -(-n // buckets[-1]) * buckets[-1]
@@ -249,16 +250,16 @@ class JaxEngine(RolloutEngine):
     if n < 1:
       raise ValueError(f"n must be >= 1, got {n}")
     prompts = [self._check_prompt(i, p) for i, p in enumerate(prompt_token_ids)]
-    rows = [(i, j) for i in range(len(prompts)) for j in range(n)]  # row r = i * n + j
-    out: list[list[Completion | None]] = [[None] * n for _ in prompts]
+    rows = [i for i in range(len(prompts)) for _ in range(n)]  # row r = i * n + j holds prompt i
+    flat: list[Completion] = []  # in row order
     version = self.version
     for start in range(0, len(rows), self.max_batch):
       chunk = rows[start:start + self.max_batch]
-      tokens, logprobs, lengths = self._run_chunk([prompts[i] for i, _ in chunk], list(range(start, start + len(chunk))),
+      tokens, logprobs, lengths = self._run_chunk([prompts[i] for i in chunk], list(range(start, start + len(chunk))),
                                                   sampling)
-      for r, (i, j) in enumerate(chunk):
-        out[i][j] = self._completion(tokens[r], logprobs[r], int(lengths[r]), sampling, version)
-    return out  # type: ignore[return-value]
+      flat.extend(self._completion(tokens[r], logprobs[r], int(lengths[r]), sampling, version)
+                  for r in range(len(chunk)))
+    return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
   def close(self) -> None:
     self._programs.clear()
@@ -299,8 +300,8 @@ class JaxEngine(RolloutEngine):
   def _run_chunk(self, prompts: list[np.ndarray], row_ids: list[int], sampling: SamplingParams):
     """Pads one chunk to its buckets, runs the program, returns host arrays for the real rows."""
     b_real = len(prompts)
-    b = bucket(b_real, self.batch_buckets, self._row_shards)
-    p = bucket(max(len(x) for x in prompts), self.prompt_buckets)
+    b = smallest_bucket(b_real, self.batch_buckets, self._row_shards)
+    p = smallest_bucket(max(len(x) for x in prompts), self.prompt_buckets)
     ids = np.zeros((b, p), np.int32)  # token 0 under the padding: a valid embedding row, masked out everywhere
     mask = np.zeros((b, p), bool)
     for r, x in enumerate(prompts):
@@ -320,9 +321,9 @@ class JaxEngine(RolloutEngine):
     tokens, logprobs, lengths = jax.device_get(program(self._state, *batch_args, seed, inputs))
     return tokens[:b_real], logprobs[:b_real], lengths[:b_real]
 
-  def _completion(self, tokens_N, logprobs_N, length: int, sampling: SamplingParams, version: int) -> Completion:
+  def _completion(self, tokens_T, logprobs_T, length: int, sampling: SamplingParams, version: int) -> Completion:
     stops = set(self.eos_token_ids) | set(sampling.stop_token_ids)
-    stopped = length > 0 and int(tokens_N[length - 1]) in stops
-    return Completion(token_ids=np.asarray(tokens_N[:length], np.int32),
-                      logprobs=np.asarray(logprobs_N[:length], np.float32),
+    stopped = length > 0 and int(tokens_T[length - 1]) in stops
+    return Completion(token_ids=np.asarray(tokens_T[:length], np.int32),
+                      logprobs=np.asarray(logprobs_T[:length], np.float32),
                       finish_reason="stop" if stopped else "length", weight_version=version)

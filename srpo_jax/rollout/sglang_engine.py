@@ -309,15 +309,14 @@ class SGLangEngine(RolloutEngine):
     self._maybe_warn_filters(sampling)
     items = [(i, j) for i in range(len(prompts)) for j in range(n)]  # Prompt-major: result order == item order.
     chunks = [items[k:k + self.max_batch_size] for k in range(0, len(items), self.max_batch_size)]
-    results: list[list[Completion | None]] = [[None] * n for _ in prompts]
     if not chunks:
       return []
+    flat: list[Completion] = []  # in item order: chunks are consecutive runs of `items`
     with concurrent.futures.ThreadPoolExecutor(min(self.max_concurrency, len(chunks))) as pool:
       futures = [pool.submit(self._generate_chunk, prompts, chunk, sampling) for chunk in chunks]
-      for chunk, fut in zip(chunks, futures):
-        for (i, j), completion in zip(chunk, fut.result()):
-          results[i][j] = completion
-    return results  # type: ignore[return-value]
+      for fut in futures:
+        flat.extend(fut.result())
+    return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
   def update_weights(self, params: Any, version: int) -> None:
     """Exports `params` to `run_dir/weights/v{version}` and makes the server load them, tagged `version`."""

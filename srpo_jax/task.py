@@ -1,0 +1,60 @@
+"""The training task: rendered train/test prompts and the reward that scores a response (from `data.*`, `rewards`)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable
+
+from srpo_jax.data import benchmarks, prompts as prompt_lib, synthetic
+from srpo_jax.rewards import mcq_reward, tooluse_reward
+
+log = logging.getLogger("srpo_jax")
+
+Reward = Callable[[str, str], float]  # (response text, row.answer) -> reward in [0, 1]
+
+
+@dataclasses.dataclass
+class Task:
+  train: prompt_lib.RenderedPrompts
+  test: prompt_lib.RenderedPrompts
+  reward: Reward
+  skipped_rows: int = 0  # malformed data rows skipped under data.on_error="skip"
+  tooluse_system_prompt: bool = False  # how `messages` builds a row's chat (the teacher prompt starts from it)
+
+  def messages(self, train_index: int) -> prompt_lib.Messages:
+    """The chat messages of training prompt `train_index` (what the teacher prompt is built from)."""
+    return prompt_lib.build_messages(self.train.rows[train_index], self.tooluse_system_prompt)
+
+
+def reward_for(task: str, tooluse_strict_reward: bool = False) -> Reward:
+  if task == "tooluse":
+    return lambda text, answer: tooluse_reward(text, answer, strict=tooluse_strict_reward)
+  return mcq_reward
+
+
+def load_task(cfg, tokenizer) -> Task:
+  """The configured task's splits, rendered with the chat template; over-long prompts dropped and logged."""
+  d = cfg.data
+  skipped = 0
+  if d.task == "synthetic":
+    train_rows, test_rows = synthetic.make_train_test(d.synthetic_train_size, d.synthetic_test_size, seed=cfg.seed,
+                                                      difficulty=d.synthetic_difficulty)
+  else:
+    splits = [benchmarks.load_split(d.task, s, d.data_dir, on_error=d.on_error) for s in ("train", "test")]
+    for sp in splits:
+      if sp.skipped:
+        log.warning("data.on_error=skip: skipped %d malformed rows of %s (first: %s)", len(sp.skipped), sp.path,
+                    sp.skipped[0])
+    skipped = sum(len(sp.skipped) for sp in splits)
+    train_rows, test_rows = (list(sp.rows) for sp in splits)
+  if cfg.eval.max_questions:
+    test_rows = test_rows[:cfg.eval.max_questions]
+  render = lambda rows: prompt_lib.render_prompts(rows, tokenizer, d.max_prompt_tokens, d.tooluse_system_prompt)
+  train, test = render(train_rows), render(test_rows)
+  if train.dropped or test.dropped:
+    log.warning("dropped prompts longer than %d tokens: train %d, test %d", d.max_prompt_tokens, train.dropped,
+                test.dropped)
+  if not train.ids:
+    raise ValueError(f"data.task={d.task!r}: no training prompt fits data.max_prompt_tokens={d.max_prompt_tokens}")
+  return Task(train=train, test=test, reward=reward_for(d.task, d.tooluse_strict_reward), skipped_rows=skipped,
+              tooluse_system_prompt=d.tooluse_system_prompt)

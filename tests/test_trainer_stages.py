@@ -1,0 +1,188 @@
+"""The trainer's stages called with plain inputs: prompt order, rollouts, scoring and routing, teacher prompts, the
+prepare program (π_old, DW weights) and the step's metrics. No trainer, no monkey-patching."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from srpo_jax import batching, methods, metrics as M
+from srpo_jax import trainer as T
+from srpo_jax.algorithms import losses
+from srpo_jax.config import AlgoConfig
+from srpo_jax.models.qwen3 import Qwen3Config, init_model
+from srpo_jax.rollout.engine import Completion, RolloutEngine
+from srpo_jax.tokenizer import load_tokenizer
+from srpo_jax.train_step import LossHParams, TokenMaxes, TokenSums, UpdateStats, make_optimizer, make_train_fns
+
+V, PAD = 384, 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return load_tokenizer()
+
+
+class ScriptedEngine(RolloutEngine):
+  """Returns the scripted responses in order: prompt p, sample j -> responses[p * n + j]."""
+
+  def __init__(self, responses):
+    self.responses, self.calls = responses, []
+
+  def generate(self, prompt_token_ids, sampling, n=1):
+    self.calls.append((list(map(list, prompt_token_ids)), sampling, n))
+    it = iter(self.responses)
+    return [[Completion(np.asarray(next(it), np.int32), np.full(3, -0.5, np.float32), "stop") for _ in range(n)]
+            for _ in prompt_token_ids]
+
+  def update_weights(self, params, version):
+    pass
+
+
+def test_prompt_rows_cover_each_epoch_once_and_are_deterministic():
+  rows = [T.prompt_rows(5, 2, s, seed=3) for s in range(5)]  # 10 positions = 2 epochs of 5 prompts
+  flat = sum(rows, [])
+  assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:]) == list(range(5))
+  assert rows == [T.prompt_rows(5, 2, s, seed=3) for s in range(5)]
+  assert flat[:5] != flat[5:] or flat[:5] != list(range(5))  # reshuffled per epoch (seed 3)
+  assert sum((T.prompt_rows(5, 2, s, seed=3, shuffle=False) for s in range(3)), []) == [0, 1, 2, 3, 4, 0]
+
+
+def test_collect_rollouts_groups_and_decodes(tokenizer):
+  texts = ["<answer>A</answer>", "<answer>B</answer>", "x", "<answer>C</answer>"]
+  engine = ScriptedEngine([tokenizer.encode(t, add_special_tokens=False) for t in texts])
+  prompts = [[1, 2], [3], [4, 5, 6]]
+  sampling = T.SamplingParams(max_new_tokens=4)
+  ro = T.collect_rollouts(engine, prompts, [2, 0], tokenizer, sampling, n=2)
+  assert engine.calls[0][0] == [[4, 5, 6], [1, 2]] and engine.calls[0][2] == 2
+  assert ro.prompt_rows == [2, 2, 0, 0] and ro.group_ids.tolist() == [0, 0, 1, 1]
+  assert ro.texts == texts and ro.finish == ["stop"] * 4
+
+
+def _rollouts(texts, groups):
+  n = len(texts)
+  return T.Rollouts(prompt_rows=list(groups), responses=[np.arange(1, 2 + i % 3) for i in range(n)],
+                    rollout_logp=[np.full(1 + i % 3, -0.5, np.float32) for i in range(n)], finish=["stop"] * n,
+                    texts=list(texts), group_ids=np.asarray(groups))
+
+
+@pytest.mark.parametrize("method", ["srpo", "grpo_sdpo_all", "grpo"])
+def test_score_and_route(method):
+  texts = ["A", "B", "B", "A", "B", "B"]  # group 0: one correct; group 1: one correct
+  ro = _rollouts(texts, [0, 0, 0, 1, 1, 1])
+  reward = lambda text, answer: float(text == answer)
+  sc = T.score_and_route(ro, ["A", "A"], reward, AlgoConfig(name=method), seed=0)
+  np.testing.assert_array_equal(sc.rewards, [1, 0, 0, 1, 0, 0])
+  np.testing.assert_allclose(sc.adv, [2 / 3, -1 / 3, -1 / 3] * 2, rtol=1e-6)
+  failed_with_teacher = np.array([0, 1, 1, 0, 1, 1], bool)
+  expect_sdpo = {"srpo": failed_with_teacher, "grpo_sdpo_all": failed_with_teacher, "grpo": np.zeros(6, bool)}
+  np.testing.assert_array_equal(sc.sdpo, expect_sdpo[method])
+  np.testing.assert_array_equal(sc.grpo, ~sc.sdpo)
+  np.testing.assert_array_equal(sc.sibling, [-1, 0, 0, -1, 3, 3])
+
+
+def test_build_teacher_prompts_only_for_sdpo_rows_and_counts_cuts(tokenizer):
+  texts = ["<answer>A</answer>", "nope", "<answer>A</answer> " + "long " * 300]
+  ro = _rollouts(texts, [0, 0, 0])
+  sc = T.Scored(rewards=np.array([1, 0, 1], np.float32), adv=np.zeros(3, np.float32),
+                grpo=np.array([True, False, True]), sdpo=np.array([False, True, False]),
+                sibling=np.array([2, 0, 0], np.int32), correct=np.array([True, False, True]))
+  messages = lambda row: [{"role": "user", "content": f"question {row}"}]
+  prompts, cut = T.build_teacher_prompts(ro, sc, messages, tokenizer, teacher_max_tokens=4096)
+  assert list(prompts) == [1] and cut == 0
+  text = tokenizer.decode(prompts[1])
+  assert "question 0" in text and "Correct solution:" in text and "<answer>A</answer>" in text
+  # The sibling of rollout 1 is now the long one; a small budget cuts its solution (and counts it).
+  sc.sibling[1] = 2
+  prompts, cut = T.build_teacher_prompts(ro, sc, messages, tokenizer, teacher_max_tokens=80)
+  assert cut == 1 and len(prompts[1]) <= 80
+
+
+def _tiny():
+  model = init_model(Qwen3Config.preset("tiny", vocab_size=V, hidden_size=32, intermediate_size=64, head_dim=8), seed=1)
+  return nnx.split(model)
+
+
+@pytest.mark.parametrize("method", ["srpo", "srpo_no_dw"])
+def test_prepare_gives_pi_old_and_dw_weights_normalised_over_omega(method):
+  graphdef, params = _tiny()
+  teacher = nnx.split(init_model(Qwen3Config.preset("tiny", vocab_size=V, hidden_size=32, intermediate_size=64,
+                                                    head_dim=8), seed=7))[1]
+  opt, _ = make_optimizer(1e-3, warmup_steps=0)
+  hp = LossHParams(algo=AlgoConfig(name=method, dw_beta=0.7), tile_size=8)
+  fns = make_train_fns(graphdef, opt, hp)
+  rng = np.random.default_rng(0)
+  prompts = [list(rng.integers(1, V, rng.integers(3, 9))) for _ in range(6)]
+  responses = [rng.integers(1, V, k) for k in (3, 0, 5, 2, 4, 1)]  # row 1 is empty
+  ro = T.Rollouts(prompt_rows=list(range(6)), responses=responses,
+                  rollout_logp=[np.full(len(r), -1.0, np.float32) for r in responses], finish=["stop"] * 6,
+                  texts=[""] * 6, group_ids=np.zeros(6, int))
+  sdpo = np.array([False, True, True, False, True, False])
+  sc = T.Scored(rewards=np.zeros(6, np.float32), adv=np.zeros(6, np.float32), grpo=~sdpo, sdpo=sdpo,
+                sibling=np.zeros(6, np.int32), correct=np.zeros(6, bool))
+  t_prompts = {int(i): list(rng.integers(1, V, 6)) for i in np.flatnonzero(sdpo)}
+  batch = T.assemble(ro, prompts, PAD)
+  state = T.TrainState(params=params, opt_state=opt.init(params), teacher=teacher)
+  prep = T.prepare(fns, state, batch, sc, t_prompts, responses, methods.get(method), PAD)
+
+  # π_old: the student's own log-probs of the sampled tokens (full-logits reference).
+  model = nnx.merge(graphdef, params)
+  r_len = batch.resp.shape[1]
+  logits = model(jnp.asarray(batch.ids), jnp.asarray(batch.mask))[:, -r_len - 1:-1]
+  ref_logp = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), batch.ids[:, -r_len:, None], -1)[..., 0]
+  np.testing.assert_allclose(prep.old_logp[batch.resp], ref_logp[batch.resp], atol=1e-5)
+  if method == "srpo_no_dw":
+    assert prep.dw_stats is None and (prep.dw == 1.0).all()
+    return
+  # DW: exp(-βH_teacher) / mean over Ω, H from the teacher's full logits on its own (teacher-prompted) sequences.
+  rows = np.flatnonzero(sdpo)
+  t = batching.teacher_rows(rows, t_prompts, responses, r_len, PAD)
+  t_model = nnx.merge(graphdef, teacher)
+  t_logits = t_model(jnp.asarray(t.ids), jnp.asarray(t.mask))[:, -r_len - 1:-1]
+  t_logp = np.asarray(jax.nn.log_softmax(t_logits))
+  ent = -(np.exp(t_logp) * t_logp).sum(-1)[:len(rows)]
+  on = batch.resp[rows]
+  w = np.exp(-0.7 * ent[on])
+  np.testing.assert_allclose(prep.dw[rows][on], w / w.mean(), rtol=1e-4)
+  assert (prep.dw[~sdpo] == 1.0).all() and (prep.dw[rows][~on] == 1.0).all()
+  assert int(prep.dw_stats.tokens) == on.sum()
+  np.testing.assert_allclose(float(prep.dw_stats.entropy_mean), ent[on].mean(), rtol=1e-4)
+  np.testing.assert_allclose(float(prep.dw_stats.dw_mean), 1.0, rtol=1e-5)
+  # The same weights as the formula's own function on the reference entropies.
+  np.testing.assert_allclose(np.asarray(losses.dw_weights(jnp.asarray(ent), jnp.asarray(on), 0.7))[on],
+                             prep.dw[rows][on], rtol=1e-4)
+
+
+def _stats(loss, grad_norm, **sums):
+  zero = {f: 0.0 for f in TokenSums._fields}
+  return UpdateStats(loss=loss, grad_norm=grad_norm, finite=True, sums=TokenSums(**{**zero, **sums}),
+                     maxes=TokenMaxes(roll_is=sums.get("roll_is", 0.0) / 2, logp=-0.1))
+
+
+def test_update_metrics_are_token_means_over_all_optimizer_steps():
+  a = _stats(1.0, 2.0, tokens=10, grpo_tokens=4, sdpo_tokens=6, grpo_loss=2.0, sdpo_loss=3.0, jsd=1.2,
+             clip_frac=1.0, dual_clip_frac=0.0, approx_kl=0.4, ratio=4.0, roll_is=10.0, entropy=5.0)
+  b = _stats(3.0, 4.0, tokens=6, grpo_tokens=6, sdpo_tokens=0, grpo_loss=1.0, clip_frac=2.0, dual_clip_frac=1.0,
+             approx_kl=0.6, ratio=6.0, roll_is=6.0, entropy=3.0)
+  m = T.update_metrics([a, b])
+  assert m[M.LOSS] == 2.0 and m[M.OPTIM_GRAD_NORM] == 3.0
+  assert m[M.LOSS_GRPO] == pytest.approx(0.3) and m[M.LOSS_SDPO] == pytest.approx(0.5)
+  assert m[M.SDPO_JSD] == pytest.approx(0.2) and m[M.POLICY_ENTROPY] == pytest.approx(0.5)
+  assert m[M.GRPO_CLIP_FRAC] == pytest.approx(0.3) and m[M.GRPO_DUAL_CLIP_FRAC] == pytest.approx(0.1)
+  assert m[M.GRPO_APPROX_KL] == pytest.approx(0.1) and m[M.GRPO_RATIO_MEAN] == pytest.approx(1.0)
+  assert m[M.ROLLOUT_IS_WEIGHT_MEAN] == pytest.approx(1.0) and m[M.ROLLOUT_IS_WEIGHT_MAX] == 5.0
+
+
+def test_step_metrics_route_fractions_and_logp_mismatch():
+  ro = _rollouts(["a"] * 4, [0, 0, 1, 1])
+  sc = T.Scored(rewards=np.array([1, 0, 0, 0], np.float32), adv=np.zeros(4, np.float32),
+                grpo=np.array([True, False, True, True]), sdpo=np.array([False, True, False, False]),
+                sibling=np.array([-1, 0, -1, -1], np.int32), correct=np.array([True, False, False, False]))
+  batch = T.assemble(ro, [[1]] * 4, PAD)
+  old = np.where(batch.resp, batch.roll_logp - 0.25, 0.0)
+  prep = T.Prepared(old_logp=old, dw=np.ones_like(old), dw_stats=None)
+  m = T.step_metrics(ro, sc, batch, prep, [_stats(1.0, 1.0, tokens=1)], rollout_time_s=2.0)
+  assert (m[M.ROUTE_FRAC_GRPO], m[M.ROUTE_FRAC_SDPO], m[M.ROUTE_FRAC_FALLBACK]) == (0.25, 0.25, 0.5)
+  assert m[M.ROLLOUT_LOGP_MISMATCH_ABS] == pytest.approx(0.25) and m[M.TRAIN_ACCURACY] == 0.25
+  assert m[M.ROLLOUT_TOKENS_PER_S] == sum(len(r) for r in ro.responses) / 2.0
+  assert M.DW_MEAN not in m
