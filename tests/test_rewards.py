@@ -215,7 +215,9 @@ def test_rewards_never_raise_and_are_fast_on_big_strings(response, gold):
     start = time.process_time()  # CPU time: other processes on the shared machine do not count
     result = fn()
     elapsed = time.process_time() - start
-    assert elapsed < 0.05, f"{elapsed * 1e3:.1f} ms on a {len(response)}-character string"
+    # A guard against super-linear blow-ups (the quadratic regex takes minutes here), not a speed target: the
+    # linear code needs a few ms, and a loaded 2-core machine must not flake it.
+    assert elapsed < 1.0, f"{elapsed * 1e3:.1f} ms on a {len(response)}-character string"
     assert result in (0.0, 1.0) or isinstance(result, dict)
 
 
@@ -236,7 +238,7 @@ def test_rewards_adversarial_strings(response, inputs):
     start = time.process_time()
     assert tooluse_reward(response, gold, strict=strict) == 0.0  # no "Action: a" in any of them
     assert tooluse_mod.extract_action_inputs(response, strict=strict) == inputs
-    assert time.process_time() - start < 0.1
+    assert time.process_time() - start < 2.0  # super-linear guard (quadratic: minutes), not a speed target
   assert mcq_reward(response, "A") == 0.0
 
 
