@@ -20,9 +20,10 @@ demo: $(STAMP)
 	rm -rf runs/tiny
 	$(BIN)/python -m srpo_jax.main --config=configs/tiny.py
 
-compare: $(STAMP)
+SEEDS ?= 1
+compare: $(STAMP)  # make compare SEEDS=3: every method on seeds 0, 1, 2 (srpo_jax/compare.py)
 	rm -rf runs/tiny_compare
-	$(BIN)/python -m srpo_jax.compare --config=configs/tiny.py
+	$(BIN)/python -m srpo_jax.compare --config=configs/tiny.py --seeds=$(SEEDS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -19,8 +19,13 @@ top-k). It imports nothing from the algorithms package. How the losses are forme
   `topk_jsd(h @ W, h_T @ W_T, k, α)  ==  generalized_jsd(out.student_topk_logp_XE1, out.teacher_topk_logp_XE1, α)`
 and the GRPO / SDPO IS ratios use `out.logp_X`. Values and gradients match the unfused path (tests/test_fused_head.py).
 
-Letters (the alphabet of `srpo_jax.models.qwen3`): X flattened tokens (B·T), D model width, V vocabulary, E top-k
-entries, E1 = E + 1 (tail bucket last); a lowercase t is the rows of one token tile.
+A top-k that covers the whole vocabulary (k >= V; k > V is allowed and means k = V) has no tail: E = V entries hold
+all the mass, and no tail bucket is appended (a clamped `log(-expm1(min(lse, -1e-7)))` would invent a bucket of mass
+~1e-7 in both distributions), so the divergence is exactly the full-vocabulary one.
+
+Letters (the alphabet of `srpo_jax.models.qwen3`): X flattened tokens (B·T), D model width, V vocabulary, E = min(k, V)
+top-k entries, E1 = E + 1 (tail bucket last) when E < V, E1 = E = V when the top-k covers the vocabulary (no tail);
+a lowercase t is the rows of one token tile.
 """
 from __future__ import annotations
 
@@ -45,8 +50,8 @@ class HeadOutputs(NamedTuple):
   """Per-token outputs of `fused_head`; teacher fields are None without a teacher."""
   logp_X: jax.Array                    # log π_θ(y_t), float32.
   entropy_X: jax.Array                 # student entropy over the full vocabulary, float32.
-  topk_idx_XE: jax.Array               # student top-k vocabulary indices, int32 (descending logits).
-  student_topk_logp_XE1: jax.Array     # student log-probs at the top-k, then log(1 - Σ p) (tail bucket).
+  topk_idx_XE: jax.Array               # student top-k vocabulary indices, int32 (descending logits), E = min(k, V).
+  student_topk_logp_XE1: jax.Array     # student log-probs at the top-k, then log(1 - Σ p) (tail bucket; none if E = V).
   teacher_topk_logp_XE1: Optional[jax.Array] = None  # teacher log-probs at the student's top-k, then its tail.
   teacher_entropy_X: Optional[jax.Array] = None      # teacher entropy over the full vocabulary.
 
@@ -60,12 +65,22 @@ def tail_log_prob(topk_logp: jax.Array) -> jax.Array:
   return jnp.log(-jnp.expm1(jnp.minimum(lse, TAIL_LSE_MAX)))
 
 
-def topk_logprobs_with_tail(topk_logp: jax.Array, *, add_tail: bool = True) -> jax.Array:
+def covers_vocab(num_entries: int, vocab_size: Optional[int]) -> bool:
+  """Whether `num_entries` top-k entries are the whole vocabulary (then there is no tail)."""
+  return vocab_size is not None and num_entries >= vocab_size
+
+
+def topk_logprobs_with_tail(topk_logp: jax.Array, *, add_tail: bool = True,
+                            vocab_size: Optional[int] = None) -> jax.Array:
   """Top-k log-probs `[..., E]` (normalised over the full vocabulary) to a distribution's log-probs.
 
   `add_tail=True`: `[..., E1]`, the tail bucket appended (no renormalisation). `add_tail=False`: `[..., E]`
-  renormalised over the top-k (the SDPO code's behaviour without a tail).
+  renormalised over the top-k (the SDPO code's behaviour without a tail). `vocab_size` (V), when given: if the E
+  entries cover it (E >= V) the top-k already is the whole distribution and is returned as it is, with no tail
+  bucket in either mode (`[..., E]`; the clamped tail would otherwise add a bucket of mass ~1e-7).
   """
+  if covers_vocab(topk_logp.shape[-1], vocab_size):
+    return topk_logp
   if add_tail:
     return jnp.concatenate([topk_logp, tail_log_prob(topk_logp)[..., None]], axis=-1)
   return topk_logp - jax.nn.logsumexp(topk_logp, axis=-1, keepdims=True)
@@ -93,12 +108,16 @@ def _tiling(caller: str, num: int, tile_size: int) -> tuple[int, int]:
 
 
 def _tiles(x: jax.Array, tile: int) -> jax.Array:
-  """`[X_padded, ...] -> [X_padded / tile, tile, ...]` for `lax.scan`."""
-  return x.reshape((x.shape[0] // tile, tile) + x.shape[1:])
+  """`[X_padded, ...] -> [X_padded / tile, tile, ...]` for `lax.scan`, strided: tile i holds rows i, i + n, i + 2n, ...
+  (n = X_padded / tile). When the rows are sharded over devices in contiguous blocks (a batch split over
+  ("data", "fsdp")), every tile then spans all devices and each device works on its own rows of every tile: the
+  scan needs no resharding and the head's work is split like the batch (a contiguous tile would live on one device)."""
+  return jnp.swapaxes(x.reshape((tile, x.shape[0] // tile) + x.shape[1:]), 0, 1)
 
 
 def _untile(x: jax.Array) -> jax.Array:
-  return x.reshape((-1,) + x.shape[2:])
+  """Inverse of `_tiles`: `[X_padded / tile, tile, ...] -> [X_padded, ...]`."""
+  return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
 
 
 def _lse_and_entropy(z_tV):
@@ -121,7 +140,7 @@ def _student_tile_forward(h_tD, w_DV, ids_t, k, temperature):
   lse_t, entropy_t = _lse_and_entropy(z_tV)
   logp_t = jnp.take_along_axis(z_tV, ids_t[:, None], axis=-1)[:, 0] - lse_t
   vals_tE, idx_tE = jax.lax.top_k(z_tV, k)
-  topk_tE1 = topk_logprobs_with_tail(vals_tE - lse_t[:, None], add_tail=True)
+  topk_tE1 = topk_logprobs_with_tail(vals_tE - lse_t[:, None], add_tail=True, vocab_size=z_tV.shape[-1])
   return logp_t, entropy_t, idx_tE.astype(jnp.int32), topk_tE1, lse_t
 
 
@@ -151,13 +170,16 @@ def _logit_cotangent(z_tV, lse_t, entropy_t, ids_t, idx_tE, topk_tE1, g_logp_t, 
 
   With p = softmax(z), log p = z - lse:  d log p_y = e_y - p;  dH = -p (log p + H);  d topk_j = e_{i_j} - p;
   the tail `log(1 - S)`, S = Σ_j p_{i_j}, has d tail / d topk_j = -p_{i_j} / (1 - S) while the clamp
-  `min(logsumexp, -1e-7)` is inactive, else 0.
+  `min(logsumexp, -1e-7)` is inactive, else 0. A top-k covering the vocabulary has no tail column (E1 = E).
   """
   num_e = idx_tE.shape[-1]
-  topk_lse_t = jax.nn.logsumexp(topk_tE1[:, :num_e], axis=-1)
-  tail_active_t = (topk_lse_t < TAIL_LSE_MAX).astype(jnp.float32)
-  g_tail_t = g_topk_tE1[:, num_e] * tail_active_t
-  g_k_tE = g_topk_tE1[:, :num_e] - g_tail_t[:, None] * jnp.exp(topk_tE1[:, :num_e] - topk_tE1[:, num_e:])
+  if topk_tE1.shape[-1] == num_e:  # no tail bucket: k >= V
+    g_k_tE = g_topk_tE1
+  else:
+    topk_lse_t = jax.nn.logsumexp(topk_tE1[:, :num_e], axis=-1)
+    tail_active_t = (topk_lse_t < TAIL_LSE_MAX).astype(jnp.float32)
+    g_tail_t = g_topk_tE1[:, num_e] * tail_active_t
+    g_k_tE = g_topk_tE1[:, :num_e] - g_tail_t[:, None] * jnp.exp(topk_tE1[:, :num_e] - topk_tE1[:, num_e:])
   logp_tV = z_tV - lse_t[:, None]
   p_tV = jnp.exp(logp_tV)
   dz_tV = -p_tV * ((g_logp_t + jnp.sum(g_k_tE, axis=-1))[:, None] + g_ent_t[:, None] * (logp_tV + entropy_t[:, None]))
@@ -224,7 +246,8 @@ def _teacher_head(h_XD, w_DV, idx_XE, temperature, tile):
     h_tD, idx_tE = xs
     z_tV = _tile_logits(h_tD, w_DV, temperature)
     lse_t, entropy_t = _lse_and_entropy(z_tV)
-    topk_tE1 = topk_logprobs_with_tail(jnp.take_along_axis(z_tV, idx_tE, axis=-1) - lse_t[:, None], add_tail=True)
+    topk_tE1 = topk_logprobs_with_tail(jnp.take_along_axis(z_tV, idx_tE, axis=-1) - lse_t[:, None], add_tail=True,
+                                       vocab_size=z_tV.shape[-1])
     return None, (topk_tE1, entropy_t)
   _, (topk, entropy) = jax.lax.scan(body, None, (_tiles(h_XD, tile), _tiles(idx_XE, tile)))
   return _untile(topk), _untile(entropy)
@@ -243,19 +266,21 @@ def _entropy_scan(h_XD, w_DV, temperature, tile):
 def fused_head(student_hidden_XD: jax.Array, head_weight_DV: jax.Array, token_ids_X: jax.Array,
                teacher_hidden_XD: Optional[jax.Array] = None, *, teacher_head_weight_DV: Optional[jax.Array] = None,
                k: int = 100, temperature: float = 1.0, tile_size: int = DEFAULT_TILE_SIZE) -> HeadOutputs:
-  """Head statistics per token without materialising `[X, V]` logits (see the module docstring); E = k.
+  """Head statistics per token without materialising `[X, V]` logits (see the module docstring); E = min(k, V).
 
   Logits are `hidden @ head_weight / temperature`. Gradients flow to `student_hidden_XD` and `head_weight_DV`
   through `logp_X`, `entropy_X` and `student_topk_logp_XE1`. The teacher (its hidden states aligned to the same X
   response tokens; its head weight defaults to the student's, e.g. tied or at EMA initialisation) is stop-gradient.
-  `X` need not divide `tile_size` (rows are zero-padded and dropped).
+  `X` need not divide `tile_size` (rows are zero-padded and dropped). `k >= V` covers the vocabulary: E = V entries
+  and no tail bucket (`student_topk_logp_XE1` is then `[X, V]`).
   """
   num, width = student_hidden_XD.shape
   chex.assert_shape(head_weight_DV, (width, None))
   chex.assert_shape(token_ids_X, (num,))
   vocab = head_weight_DV.shape[1]
-  if not 0 < k <= vocab:
-    raise ValueError(f"fused_head: k must be in [1, V={vocab}], got {k}")
+  if k <= 0:
+    raise ValueError(f"fused_head: k must be >= 1, got {k}")
+  k = min(k, vocab)
   tile, padded = _tiling("fused_head", num, tile_size)
   logp, entropy, idx, topk = _student_head(_pad_rows(student_hidden_XD, padded), head_weight_DV,
                                            _pad_rows(token_ids_X.astype(jnp.int32), padded), k, float(temperature),

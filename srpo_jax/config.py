@@ -133,6 +133,10 @@ class ModelConfig:
   param_dtype: Literal[DTYPES] = _f("float32", "Storage dtype of the trainable parameters and the EMA teacher.")
   remat: bool = _f(False, "Rematerialise each decoder layer in the backward pass (saves activation memory at 8k "
                    "tokens).")
+  attention: Literal["auto", "naive", "blockwise", "cudnn"] = _f(
+      "auto", "Attention implementation (srpo_jax.models.attention): auto = cuDNN flash attention on NVIDIA GPUs "
+      "for the trainer's right-padded forwards, blockwise online-softmax O(S·block) memory elsewhere; naive = the "
+      "[heads, S, S] reference.")
 
   @property
   def qwen3_overrides(self) -> dict[str, Any]:
@@ -141,7 +145,8 @@ class ModelConfig:
     Always the numerics; plus the dimension fields that are set (HF field names). `validate` allows dimensions only
     with random_init (a checkpoint's config.json fixes its shape).
     """
-    kw: dict[str, Any] = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat)
+    kw: dict[str, Any] = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat=self.remat,
+                              attention=self.attention)
     dims = dict(hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
                 num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim,
                 intermediate_size=self.intermediate_size, tie_word_embeddings=self.tie_word_embeddings,
@@ -213,8 +218,11 @@ class AlgoConfig:
       None, "token-mean | seq-mean-token-mean; None = the method's (methods.Method.loss_agg: SRPO family token-mean, "
       "grpo/sdpo seq-mean-token-mean).")
   mix_lambda: float = _f(0.9, "λ of advantage_mix: λ·ℓ^GRPO + (1−λ)·ℓ^SDPO. Paper ablation.", UNIT)
-  teacher_max_tokens: int = _f(10240, "Teacher prompt + response tokens; longer reprompts are truncated (SDPO "
-                               "code).", POSITIVE)
+  teacher_max_tokens: int = _f(
+      10240, "Teacher PROMPT tokens (official max_reprompt_len 10240); the student's response is appended after "
+      "the prompt and does not count. A longer prompt has the end of its sibling solution cut; when the template "
+      "alone exceeds it the rollout has no teacher information: re-routed by the method as one without a correct "
+      "sibling, and counted (teacher/prompts_over_budget).", POSITIVE)
   entropy_coef: float = _f(0.0, "Entropy bonus coefficient. 0 in the paper (kept as an option).", NON_NEGATIVE)
 
 
@@ -248,13 +256,21 @@ class OptimConfig:
   """AdamW + linear warm-up then constant. Method-dependent defaults resolve on `Config` (they need algo.name)."""
   lr: Optional[float] = _f(None, "None = the method's paper lr (methods.Method.lr: srpo family 5e-6, grpo 1e-6, sdpo "
                            "1e-5). Table 3 / spec.", POSITIVE)
-  warmup_steps: int = _f(10, "Linear warm-up from 0 over this many optimizer steps, then constant. Table 3.",
-                         NON_NEGATIVE)
+  warmup_steps: int = _f(
+      10, "Linear warm-up from 0 over this many TRAINING steps (lr · step / warmup_steps, step 0-based), then "
+      "constant; the lr is constant within a training step (all of its optimizer steps), as verl steps its scheduler "
+      "once per training step. A skipped (non-finite) step still advances the schedule, as verl's. Table 3.",
+      NON_NEGATIVE)
   weight_decay: float = _f(0.01, "AdamW decoupled weight decay. Table 3.", NON_NEGATIVE)
   b1: float = _f(0.9, "AdamW β1. Table 3.", UNIT_NO_ONE)
   b2: float = _f(0.999, "AdamW β2. Table 3.", UNIT_NO_ONE)
   eps: float = _f(1e-8, "AdamW ε. torch/optax default (the paper does not say).", NON_NEGATIVE)
   grad_clip: Optional[float] = _f(1.0, "Global grad-norm clip; None = off. Table 3.", POSITIVE)
+  micro_batch_tokens: Optional[int] = _f(
+      None, "Token budget of one forward/backward per device (verl's ppo_max_token_len_per_gpu): the mini-batch's "
+      "rollouts are grouped by length into micro-batches of at most this many padded tokens per device (the "
+      "objective stays the exact mini-batch token mean); None = optim.micro_batch_size rollouts at the step's full "
+      "length.", POSITIVE)
   mini_batch_prompts: Optional[int] = _f(
       None, "Prompts per optimizer step; None = the method's (methods.Method.mini_batch_prompts: grpo 8, others 32), "
       "capped at rollout.prompts_per_step. Spec.", POSITIVE)
@@ -273,10 +289,11 @@ class TrainConfig:
                             NON_NEGATIVE)
   warmstart_lr: float = _f(1e-3, "lr of the warm-start (Adam, no decay).", POSITIVE)
   time_budgets_h: tuple[float, ...] = _f(
-      (1.0, 5.0, 10.0), "Report the best eval accuracy reached within these wall-clock hours. Paper.",
+      (1.0, 5.0, 10.0), "Report the best eval accuracy reached within these hours of the training clock (evaluation "
+      "excluded; metrics.py). Paper.",
       all_positive("must be positive hours"))
-  max_wall_time_h: Optional[float] = _f(None, "Stop after this many hours of training (None = run all steps).",
-                                        POSITIVE)
+  max_wall_time_h: Optional[float] = _f(
+      None, "Stop after this many hours on the training clock (evaluation excluded; None = run all steps).", POSITIVE)
   log_every: int = _f(1, "Log a progress line every this many steps when stderr is not a terminal.", POSITIVE)
 
 
@@ -285,7 +302,8 @@ class EvalConfig:
   """Evaluation on the task's test split."""
   every_steps: int = _f(5, "Evaluate every this many steps (and after the last); 0 = only at start and end. "
                         "Table 3.", NON_NEGATIVE)
-  at_start: bool = _f(True, "Evaluate the initial model (step 0), the \"base\" row of the paper's table.")
+  at_start: bool = _f(True, "Evaluate the initial model (step 0), the \"base\" row of the paper's table. The paper "
+                      "configs set False (the official val_before_train: False); the tiny demo keeps its baseline.")
   n_samples: int = _f(16, "Samples per test question; the metric is avg@16 (mean accuracy). Table 3.", POSITIVE)
   temperature: float = _f(0.6, "Validation sampling temperature. Table 3.", NON_NEGATIVE)
   top_p: float = _f(0.95, "Validation top-p. Table 3.", UNIT_NO_ZERO)
@@ -632,6 +650,13 @@ def _check_relations(c: Config) -> None:
   if c.rollouts_per_mini_batch % c.micro_batch_size:
     raise ConfigError(f"optim.micro_batch_size={c.micro_batch_size} does not divide the rollouts per mini-batch "
                       f"(rollout.n={c.rollout.n} × mini_batch_prompts={mb} = {c.rollouts_per_mini_batch})")
+  if c.optim.micro_batch_tokens is not None:
+    longest = c.data.max_prompt_tokens + c.rollout.max_new_tokens
+    # batching.seq_bucket (config stays free of numpy): powers of two up to 1,024, then multiples of 1,024.
+    row = max(16, 1 << (longest - 1).bit_length()) if longest <= 1024 else -(-longest // 1024) * 1024
+    _require(c.optim.micro_batch_tokens >= row, "optim.micro_batch_tokens", c.optim.micro_batch_tokens,
+             f"must hold one longest rollout: data.max_prompt_tokens + rollout.max_new_tokens = {longest} tokens, "
+             f"padded to {row}")
   if c.rollout.engine == "jax" and c.rollout.length_buckets:
     need = c.data.max_prompt_tokens
     _require(c.rollout.length_buckets[-1] >= need, "rollout.length_buckets", c.rollout.length_buckets,
@@ -757,6 +782,7 @@ def paper_config(model_name: str, param: str = "", mesh: Optional[Mapping[str, i
   c.rollout.sglang_args = ("--mem-fraction-static", "0.35")
   c.train.steps = 1000  # An upper bound: the paper reports best accuracy within 10h of wall-clock.
   c.train.max_wall_time_h = 10.0
+  c.eval.at_start = False  # the official config's val_before_train: False (no step-0 evaluation)
   c.checkpoint.every_steps = 10
   for k, v in (mesh or {}).items():
     c.mesh[k] = v

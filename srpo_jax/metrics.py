@@ -1,11 +1,20 @@
 """Run metrics: `metrics.jsonl` + TensorBoard, `summary.json`, a progress line, and a text table of runs.
 
 Files under the run directory:
-  metrics.jsonl   one JSON object per line: {"step": int, "time_s": float, "<name>": float, ...}. `time_s` is the
-                  run's training wall-clock (carried across resumes by the trainer). Non-finite values are written
-                  as the strings "nan" / "inf" / "-inf" (JSON has no NaN); `read_metrics` turns them back into floats.
+  metrics.jsonl   one JSON object per line: {"step": int, "time_s": float, "<name>": float, ...}. Non-finite values
+                  are written as the strings "nan" / "inf" / "-inf" (JSON has no NaN); `read_metrics` turns them back
+                  into floats.
   tb/             TensorBoard event files (tensorboardX), one scalar per metric name.
   summary.json    `write_summary(run_dir, dict)`: the run's final figures (best accuracy within time budgets, ...).
+
+The two clocks of a trainer run (`trainer.Clocks`; both carried across resumes through the checkpoint's meta):
+  `time_s`        the TRAINING clock: wall-clock seconds since the run started, minus the time spent evaluating (and
+                  exporting the best model that an evaluation finds). The paper reports the best avg@16 within
+                  1 h / 5 h / 10 h of training: `best_within_budgets` and train.max_wall_time_h read this clock, and
+                  the plots' time axis is this clock.
+  `time/wall_s`   (TIME_WALL_S) the wall clock: everything, evaluation, checkpoints and exports included.
+summary.json has both at the end (SUMMARY_TRAIN_TIME_S, SUMMARY_WALL_TIME_S). A `MetricsWriter` used alone (no
+trainer) writes its own elapsed wall-clock as `time_s`.
 
 The metric names below are the contract between the trainer, the plots and the tests; use the constants.
 """
@@ -36,6 +45,7 @@ ROLLOUT_TRUNCATION_RATE = "rollout/truncation_rate"  # share of responses cut at
 ROLLOUT_TOKENS_PER_S = "rollout/tokens_per_s"  # generated tokens per second of rollout time
 ROLLOUT_LOGP_MISMATCH_ABS = "rollout/logp_mismatch_abs"  # mean |log π_old − log π_roll| (trainer vs engine)
 ROLLOUT_LOGP_MISMATCH_MAX = "rollout/logp_mismatch_max"
+BATCH_PADDING_FRAC = "batch/padding_frac"  # share of the positions fed to the update that are padding
 ROLLOUT_IS_WEIGHT_MEAN = "rollout/is_weight_mean"  # truncated rollout IS weight min(π_old / π_roll, cap)
 ROLLOUT_IS_WEIGHT_MAX = "rollout/is_weight_max"
 # routing
@@ -45,6 +55,9 @@ ROUTE_FRAC_FALLBACK = "route/frac_fallback"  # failed rollouts that take the GRP
 # teacher and DW weights (SDPO-routed tokens)
 TEACHER_ENTROPY_MEAN = "teacher/entropy_mean"  # mean teacher entropy H over SDPO-routed tokens (nats)
 TEACHER_PROMPTS_TRUNCATED = "teacher/prompts_truncated"  # teacher prompts whose sibling solution was cut this step
+# SDPO-routed rollouts of this step whose teacher-prompt template alone exceeded algo.teacher_max_tokens: no teacher
+# information, re-routed by the method as rollouts without a correct sibling (run total: summary "teacher_over_budget")
+TEACHER_PROMPTS_OVER_BUDGET = "teacher/prompts_over_budget"
 DW_MIN = "dw/min"  # entropy weights exp(−βH) / mean over the SDPO tokens of the step (srpo)
 DW_MEAN = "dw/mean"
 DW_MAX = "dw/max"
@@ -69,11 +82,14 @@ TIME_TEACHER_S = "time/teacher_s"  # teacher prompts and the prepare program (π
 TIME_UPDATE_S = "time/update_s"
 TIME_REFIT_S = "time/refit_s"  # EMA teacher update and rollout-engine weight refit
 TIME_TOKENS_PER_S = "time/tokens_per_s"  # response tokens per second of the whole step
+TIME_WALL_S = "time/wall_s"  # the wall clock, evaluation included (`time_s` is the training clock: module docstring)
 
 # summary.json keys
 SUMMARY_INITIAL_ACCURACY = "initial_eval_accuracy"
 SUMMARY_BEST_ACCURACY = "best_eval_accuracy"
 SUMMARY_FINAL_ACCURACY = "final_eval_accuracy"
+SUMMARY_TRAIN_TIME_S = "train_time_s"  # the training clock at the end (evaluation excluded)
+SUMMARY_WALL_TIME_S = "wall_time_s"  # the wall clock at the end (everything)
 
 PLOT_KEYS = (EVAL_ACCURACY, TRAIN_REWARD_MEAN, ROUTE_FRAC_GRPO, ROUTE_FRAC_SDPO, ROUTE_FRAC_FALLBACK,
              TEACHER_ENTROPY_MEAN, ROLLOUT_RESPONSE_LEN_MEAN, TIME_STEP_S)
@@ -267,7 +283,8 @@ def read_summary(run_dir: str) -> dict[str, Any]:
 
 def best_within_budgets(records: Iterable[Mapping[str, Any]], budgets_h: Sequence[float],
                         key: str = EVAL_ACCURACY) -> dict[str, Optional[float]]:
-  """The paper's metric: the best `key` among records with time_s <= budget, per budget.
+  """The paper's metric: the best `key` among records with time_s <= budget, per budget (`time_s` of a trainer run
+  is the training clock, evaluation excluded: module docstring).
 
   Returns {"<key>_best@<h>h": value or None}, e.g. {"eval/accuracy_best@1h": 0.62, ...}.
   """

@@ -3,9 +3,12 @@
     python -m srpo_jax.plot runs/srpo runs/grpo runs/sdpo --out curves.png
 
 Six panels, one line per run (label: the run directory's name, plus its algorithm when summary.json or config.json
-names one that the directory name does not): eval accuracy vs step, eval accuracy vs wall-clock, routing fractions
-(GRPO solid, SDPO dashed, GRPO-fallback dotted), teacher entropy, response length, step time. A panel whose metric
-no run logged says "no data".
+names one that the directory name does not): eval accuracy vs step, eval accuracy vs training time (`time_s`, the
+training clock: evaluation excluded, see metrics.py), routing fractions (GRPO solid, SDPO dashed, GRPO-fallback
+dotted), teacher entropy, response length, step time. A panel whose metric no run logged says "no data".
+
+`plot_seed_bands` draws several seeds per method (`srpo_jax.compare --seeds=N`): per method the mean over seeds as a
+line and the min-max over seeds as a band, for eval accuracy, train reward, the SDPO-routed fraction and the SDPO JSD.
 """
 from __future__ import annotations
 
@@ -94,7 +97,8 @@ def plot_runs(run_dirs: Sequence[str], out: str) -> plt.Figure:
   if not lines(ax_acc, M.EVAL_ACCURACY):
     _no_data(ax_acc)
   unit, scale = _time_unit(runs)
-  ax_time.set(title="Eval accuracy vs wall-clock", xlabel=f"training time ({unit})", ylabel="accuracy")
+  ax_time.set(title="Eval accuracy vs training time", xlabel=f"training clock, evaluation excluded ({unit})",
+              ylabel="accuracy")
   if not lines(ax_time, M.EVAL_ACCURACY, x="time_s", xscale=scale):
     _no_data(ax_time)
   ax_route.set(title="Routing fractions (— GRPO, -- SDPO, ·· fallback)", xlabel="step",
@@ -107,6 +111,57 @@ def plot_runs(run_dirs: Sequence[str], out: str) -> plt.Figure:
     if not lines(ax, key):
       _no_data(ax)
   for ax in axes.ravel():
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return fig
+
+
+# (metric, title, y label, only the steps where this metric is > 0) of the panels of `plot_seed_bands`. The JSD is
+# logged as 0 on a step without SDPO-routed tokens: not a measurement, left out.
+BAND_PANELS = ((M.EVAL_ACCURACY, "Eval accuracy (avg@n)", "accuracy", None),
+               (M.TRAIN_REWARD_MEAN, "Train reward", "mean reward", None),
+               (M.ROUTE_FRAC_SDPO, "SDPO-routed fraction", "fraction of rollouts", None),
+               (M.SDPO_JSD, "Teacher-student JSD (SDPO-routed tokens)", "JSD", M.ROUTE_FRAC_SDPO))
+
+
+def seed_band(records_per_seed: Sequence[Sequence[dict]], key: str, only_if: Optional[str] = None
+              ) -> tuple[list[float], list[float], list[float], list[float]]:
+  """(steps, mean, min, max) over the seeds that logged `key` at each step (the union of their steps); with
+  `only_if`, only the records where that metric is > 0."""
+  by_step: dict[float, list[float]] = {}
+  for recs in records_per_seed:
+    if only_if is not None:
+      recs = [r for r in recs if isinstance(r.get(only_if), (int, float)) and r[only_if] > 0]
+    for x, y in zip(*_series(recs, key)):
+      by_step.setdefault(x, []).append(y)
+  steps = sorted(by_step)
+  return (steps, [sum(by_step[s]) / len(by_step[s]) for s in steps], [min(by_step[s]) for s in steps],
+          [max(by_step[s]) for s in steps])
+
+
+def plot_seed_bands(runs_by_method: dict[str, Sequence[str]], out: str) -> plt.Figure:
+  """One figure of `BAND_PANELS` vs step: per method (its run directories, one per seed) the mean over seeds as a
+  line, the min-max over seeds as a band of the same colour. Returns the figure (closed)."""
+  recs = {m: [M.read_metrics(d) for d in dirs] for m, dirs in runs_by_method.items()}
+  fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
+  for ax, (key, title, ylabel, only_if) in zip(axes.ravel(), BAND_PANELS):
+    ax.set(title=title, xlabel="step", ylabel=ylabel)
+    drawn = False
+    for i, (m, per_seed) in enumerate(recs.items()):
+      steps, mean, lo, hi = seed_band(per_seed, key, only_if)
+      if not steps:
+        continue
+      color = f"C{i % 10}"
+      ax.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0)
+      ax.plot(steps, mean, "-", color=color, label=f"{m} (mean of {len(per_seed)}; band min-max)",
+              marker="o" if len(steps) < 30 else None, markersize=3)
+      drawn = True
+    if not drawn:
+      _no_data(ax)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7)

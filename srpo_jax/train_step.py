@@ -2,8 +2,9 @@
 
 Layout of a mini-batch: `srpo_jax.batching.MicroBatch` (M micro-batches of B rollouts, S = P + T positions; the
 SDPO-routed rollouts of each micro-batch re-read after their teacher prompts in C teacher rows, absent when no
-rollout is SDPO-routed: the compiled program then runs no teacher forward at all). The hidden state at position
-P - 1 + t predicts response token t, in both the student and the teacher sequences.
+rollout is SDPO-routed: the compiled program then runs no teacher forward at all). Rows are right-padded; the
+hidden state at position start[b] - 1 + t predicts response token t (at start[b] + t), in both the student and the
+teacher sequences.
 
 The objective is a global token mean: each micro-batch contributes `numerator / denominator_of_the_mini_batch`, so
 summing micro-batch gradients reproduces the full mini-batch gradient exactly (spec, "SRPO: objective"). What each
@@ -14,6 +15,7 @@ M micro-batches, X flattened tokens.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, NamedTuple, Optional
 
@@ -92,21 +94,30 @@ class Prepared(NamedTuple):
   dw_stats: Optional[DWStats]  # None without teacher rows
 
 
-def response_hidden(model, ids_BS, mask_BS, resp_len: int) -> jax.Array:
-  """Hidden states that predict the T response tokens: positions [S - T - 1, S - 1) → [B, T, D]."""
-  h = model.hidden_states(ids_BS, mask_BS)
-  return h[:, -resp_len - 1:-1]
+def response_positions(start_B, resp_len: int, seq_len: int) -> jax.Array:
+  """[B, T] positions of the response tokens (start + t), clipped into the row (padding rows and tokens past a short
+  response point at real positions whose outputs the masks drop)."""
+  return jnp.clip(start_B[:, None] + jnp.arange(resp_len)[None, :], 0, seq_len - 1)
+
+
+def response_hidden(model, ids_BS, mask_BS, start_B, resp_len: int) -> tuple[jax.Array, jax.Array]:
+  """Hidden states that predict the T response tokens [B, T, D] (positions start - 1 + t) and those tokens [B, T]."""
+  h_BSD = model.hidden_states(ids_BS, mask_BS, right_padded=True)
+  s = ids_BS.shape[1]
+  pos_BT = response_positions(start_B, resp_len, s)
+  h_BTD = jnp.take_along_axis(h_BSD, jnp.clip(pos_BT - 1, 0, s - 1)[..., None], axis=1)
+  return h_BTD, jnp.take_along_axis(ids_BS, pos_BT, axis=1)
 
 
 def _flat(x):
   return x.reshape((-1,) + x.shape[2:])
 
 
-def student_logp(model, ids, mask, resp_len: int, hp: LossHParams) -> tuple[jax.Array, jax.Array]:
+def student_logp(model, ids, mask, start, resp_len: int, hp: LossHParams) -> tuple[jax.Array, jax.Array]:
   """Sampled-token log-probs and entropies [B, T] through the fused head (k=1: no top-k needed here)."""
   b = ids.shape[0]
-  h = response_hidden(model, ids, mask, resp_len)
-  out = fh.fused_head(_flat(h), model.head_weight(), _flat(ids[:, -resp_len:]), k=1,
+  h, targets = response_hidden(model, ids, mask, start, resp_len)
+  out = fh.fused_head(_flat(h), model.head_weight(), _flat(targets), k=1,
                       temperature=hp.temperature, tile_size=hp.tile_size)
   return out.logp_X.reshape(b, resp_len), out.entropy_X.reshape(b, resp_len)
 
@@ -119,7 +130,7 @@ def teacher_dw(teacher, t: TeacherRows, resp_BT, hp: LossHParams) -> tuple[jax.A
   """
   b, resp_len = resp_BT.shape
   c = t.ids.shape[0]
-  h = jax.lax.stop_gradient(response_hidden(teacher, t.ids, t.mask, resp_len))
+  h = jax.lax.stop_gradient(response_hidden(teacher, t.ids, t.mask, t.start, resp_len)[0])
   ent_CT = fh.head_entropy(_flat(h), jax.lax.stop_gradient(teacher.head_weight()), temperature=hp.temperature,
                            tile_size=hp.tile_size).reshape(c, resp_len)
   on_CT = resp_BT[t.row] & t.valid[:, None]
@@ -139,9 +150,8 @@ def micro_objective(params, teacher_params, graphdef, mb: MicroBatch, denominato
   method = hp.method
   model = nnx.merge(graphdef, params)
   b, resp_len = mb.resp.shape
-  h = response_hidden(model, mb.ids, mb.mask, resp_len)  # [B, T, D]
+  h, targets = response_hidden(model, mb.ids, mb.mask, mb.start, resp_len)  # [B, T, D], [B, T]
   w = model.head_weight()
-  targets = mb.ids[:, -resp_len:]
   out = fh.fused_head(_flat(h), w, _flat(targets), k=1, temperature=hp.temperature, tile_size=hp.tile_size)
   logp = out.logp_X.reshape(b, resp_len)
   entropy = out.entropy_X.reshape(b, resp_len)
@@ -154,7 +164,7 @@ def micro_objective(params, teacher_params, graphdef, mb: MicroBatch, denominato
   if mb.t_ids is not None:
     teacher = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params))
     c = mb.t_ids.shape[0]
-    ht = response_hidden(teacher, mb.t_ids, mb.t_mask, resp_len)  # [C, T, D]
+    ht = response_hidden(teacher, mb.t_ids, mb.t_mask, mb.t_start, resp_len)[0]  # [C, T, D]
     hs = h[mb.t_row]  # the student's hidden states of the same rollouts
     t_out = fh.fused_head(_flat(hs), w, _flat(targets[mb.t_row]), _flat(ht),
                           teacher_head_weight_DV=teacher.head_weight(), k=a.topk, temperature=hp.temperature,
@@ -193,38 +203,116 @@ def _micro_stats(mb: MicroBatch, logp, entropy, roll_w, grpo_loss, sdpo_loss, js
 
 def make_optimizer(lr: float, *, warmup_steps: int = 10, weight_decay: float = 0.01, b1: float = 0.9,
                    b2: float = 0.999, eps: float = 1e-8, grad_clip: float | None = 1.0):
-  """AdamW behind a global-norm clip; lr warms up linearly from 0 over `warmup_steps` optimizer steps, then is constant."""
+  """AdamW behind a global-norm clip, and the lr schedule over TRAINING steps (verl steps its scheduler once per step).
+
+  Returns `(optimizer, schedule)`. `schedule(s)` is the lr of training step s (0-based): a linear warm-up from 0 over
+  `warmup_steps` training steps (`lr · s / warmup_steps`, so step 0 runs at lr 0 as verl's
+  `get_constant_schedule_with_warmup`), then constant. The optimizer does not count its own updates: its lr is an
+  injected hyperparameter (`optax.inject_hyperparams`) that the trainer sets once per training step
+  (`trainer.set_lr(opt_state, schedule(step))`), so every optimizer step of a training step (GRPO: 4 mini-batches)
+  uses the same lr, and `opt_state` holds the lr in use (checkpointed with it; `trainer.current_lr` reads it back).
+  """
   schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup_steps, 1)), optax.constant_schedule(lr)],
                                   [max(warmup_steps, 1)]) if warmup_steps > 0 else optax.constant_schedule(lr)
-  parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
-  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-  return optax.chain(*parts), schedule
+
+  def clipped_adamw(learning_rate):
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    return optax.chain(*parts)
+
+  return optax.inject_hyperparams(clipped_adamw)(learning_rate=float(schedule(0))), schedule
 
 
 class TrainFns(NamedTuple):
-  prepare: Any
-  update: Any
-  ema: Any
+  prepare: Any     # (params, teacher, ids, mask, start, resp, teacher_rows) -> Prepared
+  update: Any      # (params, opt_state, teacher, stacked micro-batches, denominator) -> (params, opt_state, stats)
+  ema: Any         # (teacher, params, rate) -> teacher
+  accumulate: Any = None  # (params, teacher, grads, one micro-batch, denominator) -> (grads, loss, sums, maxes)
+  apply: Any = None       # (params, opt_state, grads, loss) -> (params, opt_state, grad_norm, finite)
 
 
-def make_train_fns(graphdef, optimizer, hp: LossHParams) -> TrainFns:
-  """Jitted functions closed over the static pieces (graph, optimizer, loss settings)."""
+class TrainShardings(NamedTuple):
+  """Where the step's state lives on a mesh: parameters (and the teacher) by the logical-axis rules, the optimizer
+  state like the parameters it tracks, batches split over ("data", "fsdp") on their row axis."""
+  mesh: Any
+  params: Any     # a NamedSharding per parameter (a tree prefix of the nnx.State)
+  opt_state: Any  # the same for the optimizer state (moments like their parameters, counters replicated)
+  replicated: Any
 
-  def prepare(params, teacher_params, ids, mask, resp, teacher_rows: Optional[TeacherRows]) -> Prepared:
+  @classmethod
+  def build(cls, mesh, params, optimizer) -> "TrainShardings":
+    from jax.sharding import NamedSharding, PartitionSpec
+    from srpo_jax import sharding
+    p_sh = sharding.state_shardings(params, mesh)
+    rep = NamedSharding(mesh, PartitionSpec())
+    o_sh = optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params), p_sh,
+                                 transform_non_params=lambda _: rep, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return cls(mesh=mesh, params=p_sh, opt_state=o_sh, replicated=rep)
+
+  def rows(self, tree, axis: int = 0):
+    """Every array of `tree` split over ("data", "fsdp") on `axis` (None fields stay None)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    spec = PartitionSpec(*([None] * axis), ("data", "fsdp"))
+    return jax.tree.map(lambda _: NamedSharding(self.mesh, spec), tree)
+
+
+class _JitPerStructure:
+  """`jax.jit` with declared in/out shardings, one compiled function per input structure (a batch with or without
+  teacher rows). `lower(*args)` is the AOT entry the planner uses."""
+
+  def __init__(self, fn, shardings_for, donate_argnums=(), mesh=None):
+    self._fn, self._shardings_for, self._donate, self._jits = fn, shardings_for, donate_argnums, {}
+    self.mesh = mesh  # traced under `jax.set_mesh(mesh)`: the model splits its activations' rows over it
+
+  def _jit(self, args):
+    key = jax.tree.structure(args)
+    if key not in self._jits:
+      in_sh, out_sh = self._shardings_for(*args)
+      self._jits[key] = jax.jit(self._fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=self._donate)
+    return self._jits[key]
+
+  def _mesh_context(self):
+    return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+  def __call__(self, *args):
+    with self._mesh_context():
+      return self._jit(args)(*args)
+
+  def lower(self, *args):
+    with self._mesh_context():
+      return self._jit(args).lower(*args)
+
+
+def make_train_fns(graphdef, optimizer, hp: LossHParams, shardings: Optional[TrainShardings] = None) -> TrainFns:
+  """Jitted functions closed over the static pieces (graph, optimizer, loss settings).
+
+  With `shardings` (a mesh), every program declares its input and output shardings: no array is replicated by
+  accident, and the batch work is split over the devices like the batch.
+  """
+
+  def prepare(params, teacher_params, ids, mask, start, resp, teacher_rows: Optional[TeacherRows]) -> Prepared:
     """π_old log-probs [B, T] of every rollout and, given teacher rows (methods with DW), the DW weights."""
     resp_len = resp.shape[1]
-    logp, _ = student_logp(nnx.merge(graphdef, params), ids, mask, resp_len, hp)
+    logp, _ = student_logp(nnx.merge(graphdef, params), ids, mask, start, resp_len, hp)
     if teacher_rows is None:
       return Prepared(old_logp=logp, dw=jnp.ones(resp.shape, jnp.float32), dw_stats=None)
     dw, stats = teacher_dw(nnx.merge(graphdef, teacher_params), teacher_rows, resp, hp)
     return Prepared(old_logp=logp, dw=dw, dw_stats=stats)
 
-  def update(params, opt_state, teacher_params, micro_batches: MicroBatch, denominator):
-    """Accumulates gradients over the M stacked micro-batches (lax.scan), then one clipped AdamW step.
+  grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
 
-    A non-finite loss or gradient norm leaves params and optimizer state unchanged (`finite` is reported).
-    """
-    grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
+  def apply(params, opt_state, grads, loss):
+    """One clipped AdamW step from accumulated gradients; a non-finite loss or gradient norm leaves params and
+    optimizer state unchanged (`finite` is reported)."""
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    return keep(new_params, params), keep(new_opt_state, opt_state), grad_norm, finite
+
+  def update(params, opt_state, teacher_params, micro_batches: MicroBatch, denominator):
+    """Accumulates gradients over M stacked micro-batches of one shape (lax.scan), then `apply`."""
 
     def body(acc, mb):
       (loss, stats), g = grad_fn(params, teacher_params, graphdef, mb, denominator, hp)
@@ -233,14 +321,16 @@ def make_train_fns(graphdef, optimizer, hp: LossHParams) -> TrainFns:
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     (grads, loss), (sums, maxes) = jax.lax.scan(body, (zeros, jnp.float32(0.0)), micro_batches)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_params, new_opt_state, grad_norm, finite = apply(params, opt_state, grads, loss)
     stats = UpdateStats(loss=loss, grad_norm=grad_norm, finite=finite,
                         sums=jax.tree.map(jnp.sum, sums), maxes=jax.tree.map(jnp.max, maxes))
-    return keep(new_params, params), keep(new_opt_state, opt_state), stats
+    return new_params, new_opt_state, stats
+
+  def accumulate(params, teacher_params, grads, mb: MicroBatch, denominator):
+    """grads + ∇(this micro-batch's share of the objective), for micro-batches of varying shapes (token budgets):
+    one program per shape bucket; `apply` follows once per mini-batch. Returns (grads, loss, sums, maxes)."""
+    (loss, (sums, maxes)), g = grad_fn(params, teacher_params, graphdef, mb, denominator, hp)
+    return jax.tree.map(jnp.add, grads, g), loss, sums, maxes
 
   def ema(teacher_params, params, rate):
     """θ_T ← (1 − rate)·θ_T + rate·θ (spec: after all optimizer steps of a training step)."""
@@ -249,6 +339,37 @@ def make_train_fns(graphdef, optimizer, hp: LossHParams) -> TrainFns:
 
   # Donating params/optimizer state halves peak memory on accelerators; the CPU backend cannot donate (and warns).
   donate = jax.default_backend() != "cpu"
-  return TrainFns(prepare=jax.jit(prepare),
-                  update=jax.jit(update, donate_argnums=(0, 1) if donate else ()),
-                  ema=jax.jit(ema, donate_argnums=(0,) if donate else ()))
+  if shardings is None:
+    return TrainFns(prepare=jax.jit(prepare),
+                    update=jax.jit(update, donate_argnums=(0, 1) if donate else ()),
+                    ema=jax.jit(ema, donate_argnums=(0,) if donate else ()),
+                    accumulate=jax.jit(accumulate, donate_argnums=(2,) if donate else ()),
+                    apply=jax.jit(apply, donate_argnums=(0, 1, 2) if donate else ()))
+  sh = shardings
+  rep = sh.replicated
+
+  def prepare_shardings(params, teacher, ids, mask, start, resp, teacher_rows):
+    in_sh = (sh.params, sh.params, *sh.rows((ids, mask, start, resp)), sh.rows(teacher_rows))
+    out_sh = Prepared(old_logp=sh.rows(resp), dw=sh.rows(resp), dw_stats=None if teacher_rows is None else rep)
+    return in_sh, out_sh
+
+  def update_shardings(params, opt_state, teacher, micro_batches, denominator):
+    return (sh.params, sh.opt_state, sh.params, sh.rows(micro_batches, axis=1), rep), (sh.params, sh.opt_state, rep)
+
+  def ema_shardings(teacher, params, rate):
+    return (sh.params, sh.params, rep), sh.params
+
+  def accumulate_shardings(params, teacher, grads, mb, denominator):
+    return (sh.params, sh.params, sh.params, sh.rows(mb), rep), (sh.params, rep, rep, rep)
+
+  def apply_shardings(params, opt_state, grads, loss):
+    return (sh.params, sh.opt_state, sh.params, rep), (sh.params, sh.opt_state, rep, rep)
+
+  return TrainFns(prepare=_JitPerStructure(prepare, prepare_shardings, mesh=sh.mesh),
+                  update=_JitPerStructure(update, update_shardings, donate_argnums=(0, 1) if donate else (),
+                                          mesh=sh.mesh),
+                  ema=_JitPerStructure(ema, ema_shardings, mesh=sh.mesh, donate_argnums=(0,) if donate else ()),
+                  accumulate=_JitPerStructure(accumulate, accumulate_shardings, mesh=sh.mesh,
+                                              donate_argnums=(2,) if donate else ()),
+                  apply=_JitPerStructure(apply, apply_shardings, donate_argnums=(0, 1, 2) if donate else (),
+                                        mesh=sh.mesh))

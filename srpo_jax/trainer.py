@@ -12,6 +12,7 @@ Determinism: everything random in a step (data order, sampling seed, sibling cho
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -24,7 +25,6 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from srpo_jax import batching, metrics as M, methods, paths
@@ -39,7 +39,8 @@ from srpo_jax.models import hf_io
 from srpo_jax.models.qwen3 import Qwen3, Qwen3Config, init_model
 from srpo_jax.rollout.engine import RolloutEngine, SamplingParams
 from srpo_jax.task import Task, load_task
-from srpo_jax.train_step import LossHParams, Prepared, TrainFns, UpdateStats, make_optimizer, make_train_fns
+from srpo_jax.train_step import (LossHParams, Prepared, TrainFns, TrainShardings, UpdateStats, make_optimizer,
+                                 make_train_fns)
 from srpo_jax.warmstart import warmstart
 
 log = logging.getLogger("srpo_jax")
@@ -61,15 +62,21 @@ SEED_ROLLOUT, SEED_SIBLING, SEED_EVAL = 1, 2, 3  # the `purpose` of seed_for(see
 # ---------------------------------------------------------------------------------------------------------------------
 # State: exactly what a checkpoint holds
 # ---------------------------------------------------------------------------------------------------------------------
+def default_counters() -> dict[str, int]:
+  """Run totals (checkpointed, and in summary.json under these names)."""
+  return {"nonfinite_steps": 0,  # training steps with at least one skipped (non-finite) optimizer step
+          "teacher_truncated": 0,  # teacher prompts whose sibling solution was cut to algo.teacher_max_tokens
+          "teacher_over_budget": 0}  # SDPO-routed rollouts re-routed: the template alone exceeded the budget
+
+
 @dataclasses.dataclass
 class TrainState:
   params: nnx.State
-  opt_state: Any
+  opt_state: Any  # includes the lr in use (an injected hyperparameter: `set_lr`, `current_lr`)
   teacher: nnx.State  # θ_T, the EMA self-teacher (unused by GRPO)
   step: int = 0  # training steps done
   nonfinite_in_row: int = 0
-  counters: dict[str, int] = dataclasses.field(
-      default_factory=lambda: {"nonfinite_steps": 0, "teacher_truncated": 0})
+  counters: dict[str, int] = dataclasses.field(default_factory=default_counters)
   best_acc: Optional[float] = None
   initial_acc: Optional[float] = None
   final_acc: Optional[float] = None
@@ -77,16 +84,48 @@ class TrainState:
   def arrays(self) -> dict[str, Any]:
     return {"params": self.params, "opt_state": self.opt_state, "teacher": self.teacher}
 
-  def meta(self, *, wall_time_s: float, seed: int, prompts_per_step: int) -> dict[str, Any]:
+  def meta(self, *, wall_time_s: float, train_time_s: float, seed: int, prompts_per_step: int) -> dict[str, Any]:
+    """The JSON half of a checkpoint; both clocks (`Clocks`) are carried so a resumed run continues them."""
     return {"step": self.step, "data_position": self.step * prompts_per_step, "nonfinite_in_row": self.nonfinite_in_row,
             "counters": self.counters, "best_acc": self.best_acc, "initial_acc": self.initial_acc,
-            "final_acc": self.final_acc, "wall_time_s": wall_time_s, "seed": seed}
+            "final_acc": self.final_acc, "wall_time_s": wall_time_s, "train_time_s": train_time_s, "seed": seed}
 
   @classmethod
   def from_checkpoint(cls, arrays: dict[str, Any], meta: dict[str, Any]) -> "TrainState":
     return cls(params=arrays["params"], opt_state=arrays["opt_state"], teacher=arrays["teacher"], step=meta["step"],
-               nonfinite_in_row=meta["nonfinite_in_row"], counters=meta["counters"], best_acc=meta["best_acc"],
-               initial_acc=meta["initial_acc"], final_acc=meta["final_acc"])
+               nonfinite_in_row=meta["nonfinite_in_row"], counters={**default_counters(), **meta["counters"]},
+               best_acc=meta["best_acc"], initial_acc=meta["initial_acc"], final_acc=meta["final_acc"])
+
+
+class Clocks:
+  """The run's two clocks, in seconds, carried across resumes (checkpoint meta `wall_time_s`, `train_time_s`).
+
+  `wall_s()`: everything since the run started (evaluation, checkpoints and exports included): `time/wall_s`.
+  `train_s()`: the training clock, the wall-clock minus the time spent inside `excluded()` blocks (the trainer puts
+  evaluation there, as the official config does not validate before training and the paper's budgets are hours of
+  training): the `time_s` of every metrics record, which `metrics.best_within_budgets` and train.max_wall_time_h read.
+  """
+
+  def __init__(self, wall_offset_s: float = 0.0, train_offset_s: float = 0.0, now=time.monotonic):
+    self._now = now
+    self._t0 = now()
+    self._wall0, self._train0 = float(wall_offset_s), float(train_offset_s)
+    self._excluded_s = 0.0
+
+  def wall_s(self) -> float:
+    return self._wall0 + self._now() - self._t0
+
+  def train_s(self) -> float:
+    return self._train0 + self._now() - self._t0 - self._excluded_s
+
+  @contextlib.contextmanager
+  def excluded(self):
+    """Time spent in this block counts on the wall clock only."""
+    t = self._now()
+    try:
+      yield
+    finally:
+      self._excluded_s += self._now() - t
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -179,8 +218,9 @@ class Scored:
   adv: np.ndarray      # [B] float32 group-relative advantages
   grpo: np.ndarray     # [B] bool
   sdpo: np.ndarray     # [B] bool
-  sibling: np.ndarray  # [B] int32, -1 without a correct sibling
-  correct: np.ndarray  # [B] bool
+  sibling: np.ndarray  # [B] int32, -1 without a correct sibling (or without a usable teacher prompt)
+  correct: np.ndarray  # [B] bool, c_i
+  has_teacher: np.ndarray  # [B] bool, m_i: a correct sibling whose teacher prompt fits (build_teacher_prompts)
 
 
 def score_and_route(ro: Rollouts, answers: Sequence[str], reward, algo, seed: int) -> Scored:
@@ -192,28 +232,51 @@ def score_and_route(ro: Rollouts, answers: Sequence[str], reward, algo, seed: in
   rt = routing.route(rewards, ro.group_ids, method=algo.name, sibling_choice=algo.sibling_choice,
                      rng=jax.random.PRNGKey(seed), correct_threshold=algo.correct_threshold)
   return Scored(rewards=rewards, adv=np.asarray(adv), grpo=np.asarray(rt.grpo_B), sdpo=np.asarray(rt.sdpo_B),
-                sibling=np.asarray(rt.sibling_B), correct=np.asarray(rt.correct_B))
+                sibling=np.asarray(rt.sibling_B), correct=np.asarray(rt.correct_B),
+                has_teacher=np.asarray(rt.has_teacher_B))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Stage 3: teacher prompts (SDPO-routed rollouts only)
 # ---------------------------------------------------------------------------------------------------------------------
-def build_teacher_prompts(ro: Rollouts, sc: Scored, messages_of, tokenizer, teacher_max_tokens: int
-                          ) -> tuple[dict[int, list[int]], int]:
-  """{rollout index: teacher prompt ids} for the SDPO-routed rollouts, and how many had their solution cut.
+@dataclasses.dataclass
+class TeacherPrompts:
+  """The teacher prompts of one step's SDPO-routed rollouts."""
+  ids: dict[int, list[int]]  # rollout index -> teacher prompt ids (the rollout's response is appended after them)
+  truncated: int  # prompts whose sibling solution was cut to fit algo.teacher_max_tokens
+  over_budget: int  # rollouts whose template alone exceeded it: no teacher information, re-routed, no prompt
+
+
+def build_teacher_prompts(ro: Rollouts, sc: Scored, messages_of, tokenizer, teacher_max_tokens: int,
+                          method: methods.Method) -> tuple[TeacherPrompts, Scored]:
+  """Teacher prompt ids for the SDPO-routed rollouts, and the routing after the ones with no room for a solution.
 
   `messages_of(prompt_row)` gives the student's chat messages; the sibling's response is the teacher information.
+  `teacher_max_tokens` limits the teacher PROMPT alone (the official `max_reprompt_len`); the student's response is
+  appended after it. A prompt over the limit has the end of its sibling solution cut (`build_teacher_prompt_ids`).
+  When the template alone (system, question, instructions) exceeds the limit, the solution is dropped entirely and
+  the rollout has no usable teacher information: its teacher availability m_i is cleared and its routing re-derived
+  by the method (`Method.route_masks`: SRPO sends it to the GRPO fallback; SDPO gives it zero loss), it gets no
+  teacher sequence, and it is counted (`over_budget`). Returns the prompts and the (possibly) updated `Scored`.
   """
   render = lambda messages: prompt_lib.render_messages(tokenizer, messages)
   encode = lambda text: prompt_lib.encode_text(tokenizer, text)
-  out, truncated = {}, 0
+  out, truncated, no_room = {}, 0, []
   for i in np.flatnonzero(sc.sdpo):
-    budget = max(teacher_max_tokens - len(ro.responses[i]), 16)
     ids, cut = build_teacher_prompt_ids(messages_of(ro.prompt_rows[i]), ro.texts[sc.sibling[i]], render=render,
-                                        encode=encode, max_tokens=budget)
+                                        encode=encode, max_tokens=teacher_max_tokens)
+    if len(ids) > teacher_max_tokens:  # the template alone does not fit: the solution was dropped
+      no_room.append(int(i))
+      continue
     out[int(i)] = ids
     truncated += int(cut)
-  return out, truncated
+  if no_room:
+    has_teacher, sibling = sc.has_teacher.copy(), sc.sibling.copy()
+    has_teacher[no_room], sibling[no_room] = False, -1
+    grpo, sdpo = method.route_masks(sc.correct, has_teacher)
+    sc = dataclasses.replace(sc, grpo=np.asarray(grpo), sdpo=np.asarray(sdpo), sibling=sibling,
+                             has_teacher=has_teacher)
+  return TeacherPrompts(ids=out, truncated=truncated, over_budget=len(no_room)), sc
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -221,8 +284,9 @@ def build_teacher_prompts(ro: Rollouts, sc: Scored, messages_of, tokenizer, teac
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class StepBatch:
-  ids: np.ndarray        # [B, S]
+  ids: np.ndarray        # [B, S] right-padded: prompt, response, padding
   mask: np.ndarray       # [B, S]
+  start: np.ndarray      # [B] where each response starts
   resp: np.ndarray       # [B, T]
   roll_logp: np.ndarray  # [B, T]
 
@@ -231,41 +295,80 @@ def assemble(ro: Rollouts, prompt_ids: Sequence[Sequence[int]], pad: int) -> Ste
   prompts = [prompt_ids[i] for i in ro.prompt_rows]
   p_len = batching.pow2_bucket(max(map(len, prompts)), 16)
   r_len = batching.pow2_bucket(max(max(map(len, ro.responses)), 1), 8)
-  ids, mask, resp = batching.sequences(prompts, ro.responses, p_len, r_len, pad)
+  seq = batching.sequences(prompts, ro.responses, p_len, r_len, pad)
   roll_logp, _ = batching.pad_right(ro.rollout_logp, r_len, 0.0, np.float32)
-  return StepBatch(ids=ids, mask=mask, resp=resp, roll_logp=roll_logp)
+  return StepBatch(ids=seq.ids, mask=seq.mask, start=seq.start, resp=seq.resp, roll_logp=roll_logp)
 
 
 def prepare(fns: TrainFns, state: TrainState, batch: StepBatch, sc: Scored, teacher_prompts: dict[int, list[int]],
-            responses: Sequence[np.ndarray], method: methods.Method, pad: int) -> Prepared:
+            responses: Sequence[np.ndarray], method: methods.Method, pad: int, row_multiple: int = 1) -> Prepared:
   """π_old of every rollout with the current weights; DW weights from the EMA teacher when the method uses them."""
   rows = np.flatnonzero(sc.sdpo)
   t = None
   if method.dynamic_weighting and len(rows):
-    t = batching.teacher_rows(rows, teacher_prompts, responses, batch.resp.shape[1], pad)
-  return jax.device_get(fns.prepare(state.params, state.teacher, batch.ids, batch.mask, batch.resp, t))
+    t = batching.teacher_rows(rows, teacher_prompts, responses, batch.resp.shape[1], pad, row_multiple=row_multiple)
+  return jax.device_get(fns.prepare(state.params, state.teacher, batch.ids, batch.mask, batch.start, batch.resp,
+                                   t))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Stage 5: optimizer steps (one per mini-batch)
 # ---------------------------------------------------------------------------------------------------------------------
 def run_updates(fns: TrainFns, state: TrainState, batch: StepBatch, prep: Prepared, sc: Scored,
-                teacher_prompts: dict[int, list[int]], responses: Sequence[np.ndarray], cfg: Config, pad: int
-                ) -> tuple[Any, Any, list[UpdateStats]]:
-  """One optimizer step per mini-batch, each over its micro-batches; the denominator spans the mini-batch."""
-  params, opt_state, outs = state.params, state.opt_state, []
+                teacher_prompts: dict[int, list[int]], responses: Sequence[np.ndarray], cfg: Config, pad: int,
+                row_multiple: int = 1) -> tuple[Any, Any, list[UpdateStats], float]:
+  """One optimizer step per mini-batch, each over its micro-batches; the denominator spans the mini-batch.
+
+  Micro-batches are `optim.micro_batch_size` rollouts at the step's full length (one scanned program), or, with
+  `optim.micro_batch_tokens`, length-sorted groups under that per-device token budget, each cut to its own length
+  bucket (one program per shape bucket, gradients accumulated on the device). Returns the new params and optimizer
+  state, the per-optimizer-step statistics (host values) and the padding fraction of what the model was fed.
+  """
+  params, opt_state, outs, fed = state.params, state.opt_state, [], []
+  arrays = batching.StepArrays(ids=batch.ids, mask=batch.mask, start=batch.start, resp=batch.resp,
+                               old_logp=prep.old_logp, roll_logp=batch.roll_logp, adv=sc.adv, grpo=sc.grpo,
+                               sdpo=sc.sdpo, dw=prep.dw)
   per_mb = cfg.rollouts_per_mini_batch
   for m in range(cfg.optimizer_steps_per_step):
     rows = np.arange(m * per_mb, (m + 1) * per_mb)
     den = losses.objective_denominator(jnp.asarray(batch.resp[rows]), jnp.asarray(sc.grpo[rows]),
                                        jnp.asarray(sc.sdpo[rows]), loss_agg=cfg.loss_agg)
-    mbs = batching.micro_batches(rows, cfg.micro_batch_size, ids=batch.ids, mask=batch.mask, resp=batch.resp,
-                                 old_logp=prep.old_logp, roll_logp=batch.roll_logp, adv=sc.adv, grpo=sc.grpo,
-                                 sdpo=sc.sdpo, dw=prep.dw, teacher_prompts=teacher_prompts, responses=responses,
-                                 pad=pad)
-    params, opt_state, out = fns.update(params, opt_state, state.teacher, mbs, den)
+    budget = cfg.optim.micro_batch_tokens
+    if budget is None:
+      mbs = batching.micro_batches(rows, cfg.micro_batch_size, **arrays._asdict(), teacher_prompts=teacher_prompts,
+                                   responses=responses, pad=pad, row_multiple=row_multiple)
+      params, opt_state, out = fns.update(params, opt_state, state.teacher, mbs, den)
+      fed.append(mbs)
+    else:
+      groups = batching.token_budget_groups(rows, batch.mask[rows].sum(axis=1), budget, row_multiple)
+      grads, loss, parts = jax.tree.map(jnp.zeros_like, params), jnp.float32(0.0), []
+      for g in groups:
+        mb = batching.micro_batch(g, arrays, teacher_prompts, responses, pad, row_multiple=row_multiple)
+        grads, mb_loss, sums, maxes = fns.accumulate(params, state.teacher, grads, mb, den)
+        loss, parts = loss + mb_loss, parts + [(sums, maxes)]
+        fed.append(mb)
+      params, opt_state, grad_norm, finite = fns.apply(params, opt_state, grads, loss)
+      out = UpdateStats(loss=loss, grad_norm=grad_norm, finite=finite,
+                        sums=jax.tree.map(lambda *x: sum(x), *[p[0] for p in parts]),
+                        maxes=jax.tree.map(lambda *x: jnp.max(jnp.stack(x)), *[p[1] for p in parts]))
     outs.append(out)
-  return params, opt_state, jax.device_get(outs)  # one host sync for all the step's optimizer steps
+  # One host sync for all the step's optimizer steps.
+  return params, opt_state, jax.device_get(outs), batching.padding_fraction(fed)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Stage 6: the EMA teacher (refit of the rollout engine follows in the trainer)
+# ---------------------------------------------------------------------------------------------------------------------
+def ema_teacher(fns: TrainFns, teacher, params, stats: Sequence[UpdateStats], method: methods.Method,
+                rate: float) -> tuple[Any, bool]:
+  """θ_T ← (1 − rate)·θ_T + rate·θ after the step's optimizer steps, when the policy did update.
+
+  As the official code: only for methods with a teacher, and only when at least one optimizer step of the training
+  step was finite (a skipped step leaves θ unchanged, and the teacher too). Returns (teacher, whether it moved).
+  """
+  if not method.uses_teacher or not any(bool(s.finite) for s in stats):
+    return teacher, False
+  return fns.ema(teacher, params, jnp.float32(rate)), True
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -311,11 +414,17 @@ def step_metrics(ro: Rollouts, sc: Scored, batch: StepBatch, prep: Prepared, sta
   return out
 
 
-def current_lr(schedule, opt_state) -> float:
-  """The schedule's value at the optimizer's step count (skipped non-finite steps do not advance it)."""
-  count = optax.tree_utils.tree_get(
-      opt_state, "count", filtering=lambda path, _: path[-1].tuple_name == "ScaleByScheduleState")
-  return float(schedule(int(count)))
+def set_lr(opt_state, lr: float):
+  """`opt_state` with the lr of the coming training step (`train_step.make_optimizer` injects it as a
+  hyperparameter; the trainer sets `schedule(step)` once per training step, before its optimizer steps)."""
+  old = opt_state.hyperparams["learning_rate"]
+  value = jax.device_put(np.asarray(lr, old.dtype), old.sharding)
+  return opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": value})
+
+
+def current_lr(opt_state) -> float:
+  """The lr every optimizer step of the last training step used (it stays in `opt_state` when a step is skipped)."""
+  return float(opt_state.hyperparams["learning_rate"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -344,15 +453,26 @@ class Trainer:
         cfg.lr, warmup_steps=cfg.optim.warmup_steps, weight_decay=cfg.optim.weight_decay, b1=cfg.optim.b1,
         b2=cfg.optim.b2, eps=cfg.optim.eps, grad_clip=cfg.optim.grad_clip)
     # θ_T starts at the base weights.
-    self.state = TrainState(params=params, opt_state=self.optimizer.init(params),
-                            teacher=jax.tree.map(jnp.copy, params))
-    self.fns = make_train_fns(self.graphdef, self.optimizer, LossHParams.from_config(cfg))
-    resumed_time = self._restore(latest) if cfg.resume and latest is not None else 0.0
+    # On a mesh every program declares its shardings; batches are split over ("data", "fsdp").
+    shardings = None if mesh is None else TrainShardings.build(mesh, params, self.optimizer)
+    self.row_shards = 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
+    for name, rows in (("optim.micro_batch_size", cfg.micro_batch_size),
+                       ("rollout.prompts_per_step × rollout.n", cfg.rollout.rollouts_per_step)):
+      if rows % self.row_shards:
+        raise ValueError(f"{name}={rows} must be a multiple of the mesh's row shards mesh.data × mesh.fsdp = "
+                         f"{self.row_shards} (each device takes an equal share of the rows)")
+    opt_state = self.optimizer.init(params)
+    if shardings is not None:
+      opt_state = jax.device_put(opt_state, shardings.opt_state)
+    self.state = TrainState(params=params, opt_state=opt_state, teacher=jax.tree.map(jnp.copy, params))
+    self.fns = make_train_fns(self.graphdef, self.optimizer, LossHParams.from_config(cfg), shardings)
+    wall_s, train_s = self._restore(latest) if cfg.resume and latest is not None else (0.0, 0.0)
     self.engine = engine or build_engine(cfg, self.graphdef, self.state.params, self.tokenizer, mesh)
     if engine is not None:
       engine.update_weights(self.state.params, self.state.step)
     self.metrics = M.MetricsWriter(cfg.run_dir, resume_step=self.state.step if cfg.resume else None,
-                                   time_offset_s=resumed_time)
+                                   time_offset_s=wall_s)
+    self.clocks = Clocks(wall_offset_s=wall_s, train_offset_s=train_s)
     self._stop_requested = False
 
   # Read-only views kept for callers (tests, bench) that look at the arrays.
@@ -362,23 +482,27 @@ class Trainer:
 
   # -- checkpoint state --------------------------------------------------------------------------------------------
   def save(self):
-    meta = self.state.meta(wall_time_s=self.metrics.elapsed_s(), seed=self.cfg.seed,
+    meta = self.state.meta(wall_time_s=self.clocks.wall_s(), train_time_s=self.clocks.train_s(), seed=self.cfg.seed,
                            prompts_per_step=self.cfg.rollout.prompts_per_step)
     self.checkpointer.save(self.state.step, self.state.arrays(), meta)
 
-  def _restore(self, step: int) -> float:
+  def _restore(self, step: int) -> tuple[float, float]:
+    """Loads checkpoint `step` into `self.state`; returns the two clocks' values then (wall, training)."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             self.state.arrays())
     arrays, meta = self.checkpointer.restore(step, abstract)
     self.state = TrainState.from_checkpoint(arrays, meta)
     log.info("resumed from checkpoint step %d", step)
-    return float(meta["wall_time_s"])
+    wall = float(meta["wall_time_s"])
+    return wall, float(meta.get("train_time_s", wall))  # checkpoints from before the training clock: the wall clock
 
   # -- one training step -------------------------------------------------------------------------------------------
   def train_step(self, step: int) -> dict[str, float]:
     """The stages in order; updates `self.state` (step counter excluded) and returns the step's metrics."""
     cfg, task, st = self.cfg, self.task, self.state
     t0 = time.perf_counter()
+    # The lr of this training step, for all of its optimizer steps (the schedule counts training steps).
+    st.opt_state = set_lr(st.opt_state, float(self.schedule(step)))
     r = cfg.rollout
     sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k, seed=seed_for(cfg.seed, step, SEED_ROLLOUT))
@@ -388,26 +512,27 @@ class Trainer:
     sc = score_and_route(ro, [row.answer for row in task.train.rows], task.reward, cfg.algo,
                          seed_for(cfg.seed, step, SEED_SIBLING))
     t2 = time.perf_counter()
-    teacher_prompts, truncated = build_teacher_prompts(ro, sc, task.messages, self.tokenizer,
-                                                       cfg.algo.teacher_max_tokens)
+    # The teacher prompts may re-route rollouts (no room for a solution): `sc` is the routing from here on.
+    tp, sc = build_teacher_prompts(ro, sc, task.messages, self.tokenizer, cfg.algo.teacher_max_tokens, self.method)
     batch = assemble(ro, task.train.ids, self.pad)
-    prep = prepare(self.fns, st, batch, sc, teacher_prompts, ro.responses, self.method, self.pad)
+    prep = prepare(self.fns, st, batch, sc, tp.ids, ro.responses, self.method, self.pad, self.row_shards)
     t3 = time.perf_counter()
-    st.params, st.opt_state, stats = run_updates(self.fns, st, batch, prep, sc, teacher_prompts, ro.responses, cfg,
-                                                 self.pad)
+    st.params, st.opt_state, stats, padding = run_updates(self.fns, st, batch, prep, sc, tp.ids, ro.responses, cfg,
+                                                          self.pad, self.row_shards)
     t4 = time.perf_counter()
-    # EMA teacher after all optimizer steps of the training step, then refit the rollout engine.
-    if self.method.uses_teacher:
-      st.teacher = self.fns.ema(st.teacher, st.params, jnp.float32(cfg.algo.ema_rate))
+    # EMA teacher after all optimizer steps of the training step (if the policy moved), then refit the engine.
+    st.teacher, _ = ema_teacher(self.fns, st.teacher, st.params, stats, self.method, cfg.algo.ema_rate)
     self.engine.update_weights(st.params, step + 1)
     t5 = time.perf_counter()
     finite = all(bool(s.finite) for s in stats)
-    st.counters["teacher_truncated"] += truncated
+    st.counters["teacher_truncated"] += tp.truncated
+    st.counters["teacher_over_budget"] += tp.over_budget
     st.counters["nonfinite_steps"] += int(not finite)
     st.nonfinite_in_row = 0 if finite else st.nonfinite_in_row + 1
     out = step_metrics(ro, sc, batch, prep, stats, rollout_time_s=t1 - t0)
-    out.update({M.OPTIM_LR: current_lr(self.schedule, st.opt_state),
-                M.TRAIN_NONFINITE_STEPS: st.counters["nonfinite_steps"], M.TEACHER_PROMPTS_TRUNCATED: truncated,
+    out.update({M.OPTIM_LR: current_lr(st.opt_state),
+                M.TRAIN_NONFINITE_STEPS: st.counters["nonfinite_steps"], M.TEACHER_PROMPTS_TRUNCATED: tp.truncated,
+                M.TEACHER_PROMPTS_OVER_BUDGET: tp.over_budget, M.BATCH_PADDING_FRAC: padding,
                 M.TIME_ROLLOUT_S: t1 - t0, M.TIME_ROUTE_S: t2 - t1, M.TIME_TEACHER_S: t3 - t2,
                 M.TIME_UPDATE_S: t4 - t3, M.TIME_REFIT_S: t5 - t4})
     out[M.TIME_STEP_S] = time.perf_counter() - t0
@@ -425,13 +550,14 @@ class Trainer:
     progress = M.Progress(cfg.train.steps, initial_step=st.step, log_every=cfg.train.log_every)
     try:
       if st.step == 0 and cfg.eval.at_start and st.initial_acc is None:
-        ev = self.evaluate(0)
+        with self.clocks.excluded():  # evaluation is not training time
+          ev = self.evaluate(0)
         st.initial_acc = st.best_acc = ev[M.EVAL_ACCURACY]
-        self.metrics.write(0, ev)
+        self._write(0, ev)
         progress.update(0, ev)
       while st.step < cfg.train.steps and not self._stop_requested:
-        if cfg.train.max_wall_time_h and self.metrics.elapsed_s() > cfg.train.max_wall_time_h * 3600:
-          log.info("wall-clock budget of %.2f h reached", cfg.train.max_wall_time_h)
+        if cfg.train.max_wall_time_h and self.clocks.train_s() > cfg.train.max_wall_time_h * 3600:
+          log.info("training-time budget of %.2f h reached", cfg.train.max_wall_time_h)
           break
         out = self.train_step(st.step)
         st.step += 1
@@ -442,13 +568,14 @@ class Trainer:
               f"{self.checkpointer.latest_step()} in {cfg.checkpoint_dir}")
         last = st.step == cfg.train.steps
         if (cfg.eval.every_steps and st.step % cfg.eval.every_steps == 0) or last:
-          out.update(self.evaluate(st.step))
-          st.final_acc = out[M.EVAL_ACCURACY]
-          if st.best_acc is None or st.final_acc > st.best_acc:
-            st.best_acc = st.final_acc
-            if cfg.checkpoint.export_hf:
-              self.export(os.path.join(cfg.run_dir, "hf_best"))
-        self.metrics.write(st.step, out)
+          with self.clocks.excluded():  # evaluation (and the best-model export it triggers) is not training time
+            out.update(self.evaluate(st.step))
+            st.final_acc = out[M.EVAL_ACCURACY]
+            if st.best_acc is None or st.final_acc > st.best_acc:
+              st.best_acc = st.final_acc
+              if cfg.checkpoint.export_hf:
+                self.export(os.path.join(cfg.run_dir, "hf_best"))
+        self._write(st.step, out)
         progress.update(st.step, out)
         if st.step % cfg.checkpoint.every_steps == 0 or last:
           self.save()
@@ -463,6 +590,10 @@ class Trainer:
       signal.signal(signal.SIGTERM, prev)
       self.close()
 
+  def _write(self, step: int, out: dict[str, Any]) -> None:
+    """One metrics record: `time_s` is the training clock, `time/wall_s` the wall clock (`Clocks`)."""
+    self.metrics.write(step, {**out, M.TIME_WALL_S: self.clocks.wall_s()}, time_s=self.clocks.train_s())
+
   def _on_sigterm(self, signum, frame):
     self._stop_requested = True
 
@@ -473,7 +604,8 @@ class Trainer:
     st = self.state
     records = M.read_metrics(self.cfg.run_dir)
     summary = {M.SUMMARY_INITIAL_ACCURACY: st.initial_acc, M.SUMMARY_BEST_ACCURACY: st.best_acc,
-               M.SUMMARY_FINAL_ACCURACY: st.final_acc, "steps": st.step, "wall_time_s": self.metrics.elapsed_s(),
+               M.SUMMARY_FINAL_ACCURACY: st.final_acc, "steps": st.step, M.SUMMARY_WALL_TIME_S: self.clocks.wall_s(),
+               M.SUMMARY_TRAIN_TIME_S: self.clocks.train_s(),
                "algo": self.cfg.algo.name, "task": self.cfg.data.task, "skipped_data_rows": self.task.skipped_rows,
                **st.counters, **M.best_within_budgets(records, self.cfg.train.time_budgets_h)}
     M.write_summary(self.cfg.run_dir, summary)

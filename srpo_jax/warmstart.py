@@ -57,9 +57,9 @@ def warmstart(model: Qwen3, cfg, tokenizer, cache_root: str) -> Qwen3:
   hp = LossHParams()
 
   @jax.jit
-  def sft_step(params, opt_state, ids, mask, resp):
+  def sft_step(params, opt_state, ids, mask, start, resp):
     def loss_fn(p):
-      logp, _ = student_logp(nnx.merge(graphdef, p), ids, mask, r_len, hp)
+      logp, _ = student_logp(nnx.merge(graphdef, p), ids, mask, start, r_len, hp)
       return -jnp.sum(jnp.where(resp, logp, 0.0)) / jnp.sum(resp)
     loss, g = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = opt.update(g, opt_state, params)
@@ -68,8 +68,8 @@ def warmstart(model: Qwen3, cfg, tokenizer, cache_root: str) -> Qwen3:
   pad = tokenizer.pad_token_id
   for s in range(t.warmstart_steps):
     sl = slice(s * BATCH, (s + 1) * BATCH)
-    ids, mask, resp = batching.sequences(prompts[sl], targets[sl], p_len, r_len, pad)
-    params, opt_state, loss = sft_step(params, opt_state, ids, mask, resp)
+    seq = batching.sequences(prompts[sl], targets[sl], p_len, r_len, pad)
+    params, opt_state, loss = sft_step(params, opt_state, seq.ids, seq.mask, seq.start, seq.resp)
     if s % 50 == 0 or s == t.warmstart_steps - 1:
       log.info("warm-start step %d/%d  loss %.4f", s + 1, t.warmstart_steps, float(loss))
   model = nnx.merge(graphdef, params)

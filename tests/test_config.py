@@ -75,7 +75,7 @@ def test_base_config_placeholders_are_typed():
 def test_tiny_config_validates_with_the_expected_model():
   cfg = C.validate(_load("tiny"))
   assert cfg.model.random_init == "tiny" and cfg.model.vocab_size is None  # None = the preset's
-  assert cfg.model.qwen3_overrides == dict(dtype="float32", param_dtype="float32", remat=False)
+  assert cfg.model.qwen3_overrides == dict(dtype="float32", param_dtype="float32", remat=False, attention="auto")
   from srpo_jax.models import qwen3
   q = qwen3.Qwen3Config.preset(cfg.model.random_init, **cfg.model.qwen3_overrides)
   assert (q.vocab_size, q.hidden_size, q.num_hidden_layers, q.num_attention_heads, q.num_key_value_heads, q.head_dim,
@@ -265,6 +265,9 @@ def test_paper_configs_follow_the_paper():
       0.9, 0.999, 0.01, 1.0, 10)
   assert (cfg.eval.every_steps, cfg.eval.n_samples, cfg.eval.temperature, cfg.eval.top_p) == (5, 16, 0.6, 0.95)
   assert cfg.data.max_prompt_tokens == 2048 and cfg.train.time_budgets_h == (1.0, 5.0, 10.0)
+  # No step-0 evaluation (the official val_before_train: False); the tiny demo keeps its baseline.
+  assert cfg.eval.at_start is False and C.validate(_tiny(), check_files=False).eval.at_start is True
+  assert cfg.algo.teacher_max_tokens == 10240  # official max_reprompt_len: the teacher prompt alone
   assert cfg.mesh.axis_sizes(8) == {"data": 1, "fsdp": 8, "tensor": 1}
   assert _load("qwen3_0_6b").mesh.fsdp == 1
   with pytest.raises(ConfigError, match=r"config parameter 'ppo'"):
@@ -302,8 +305,8 @@ def test_any_random_init_preset_takes_dimension_overrides():
   cd = C.apply_overrides(_load("qwen3_0_6b"), {"model.path": None, "model.random_init": "0.6b",
                                                 "model.num_layers": 2, "model.vocab_size": 1024})
   cfg = C.validate(cd, check_files=False)
-  assert cfg.model.qwen3_overrides == dict(dtype="bfloat16", param_dtype="float32", remat=True, num_hidden_layers=2,
-                                           vocab_size=1024)
+  assert cfg.model.qwen3_overrides == dict(dtype="bfloat16", param_dtype="float32", remat=True, attention="auto",
+                                           num_hidden_layers=2, vocab_size=1024)
   # Head checks use the preset's values for the fields left at None (0.6b: 16 heads, 8 kv heads, head_dim 128).
   msg = _err(C.apply_overrides(cd, {"model.num_kv_heads": 6}), check_files=False)
   assert msg.startswith("model.num_heads=16: must be a multiple of model.num_kv_heads=6")

@@ -201,3 +201,47 @@ def test_head_entropy_matches_full_logits_and_fused_teacher_entropy(tile):
   g = jax.grad(lambda h, w: jnp.sum(fh.head_entropy(h, w, tile_size=tile)), argnums=(0, 1))(x["ht"], x["wt"])
   assert all(float(jnp.max(jnp.abs(a))) == 0.0 for a in g)  # no gradient
   assert fh.head_entropy(x["ht"][:0], x["wt"]).shape == (0,)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.0])
+@pytest.mark.parametrize("k", [5, 8])  # V = 5: k = V, and k > V (allowed: it means the whole vocabulary, E = V)
+def test_topk_covering_the_vocabulary_has_no_tail_and_is_the_full_vocabulary_jsd(k, alpha):
+  """k >= V: no invented tail bucket (the clamped log(-expm1(min(lse, -1e-7))) gave one of mass ~1e-7 in both
+  distributions); the divergence and its gradient are the full-vocabulary JSD's."""
+  v, temperature = 5, 0.8
+  x = _inputs(n=13, d=6, v=v, seed=3)
+  out = fused_head(x["h"], x["w"], x["ids"], x["ht"], teacher_head_weight_DV=x["wt"], k=k, temperature=temperature,
+                   tile_size=4)
+  assert out.topk_idx_XE.shape == (13, v)
+  assert out.student_topk_logp_XE1.shape == (13, v) and out.teacher_topk_logp_XE1.shape == (13, v)  # no tail
+  np.testing.assert_array_equal(np.sort(np.asarray(out.topk_idx_XE), -1), np.tile(np.arange(v), (13, 1)))
+
+  def full_vocab(h, w):  # the reference: the generalized JSD of the two full softmaxes
+    s = jax.nn.log_softmax((h @ w) / temperature)
+    t = jax.lax.stop_gradient(jax.nn.log_softmax((x["ht"] @ x["wt"]) / temperature))
+    return losses.generalized_jsd(s, t, alpha=alpha)
+
+  ref = full_vocab(x["h"], x["w"])
+  zs, zt = [np.asarray(a, np.float64) / temperature for a in (x["h"] @ x["w"], x["ht"] @ x["wt"])]
+  ps, pt = [np.exp(z - z.max(-1, keepdims=True)) / np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)
+            for z in (zs, zt)]
+  m = (1 - alpha) * ps + alpha * pt
+  ref64 = ((1 - alpha) * (ps * np.log(ps / m)).sum(-1) + alpha * (pt * np.log(pt / m)).sum(-1) if alpha > 0
+           else (pt * np.log(pt / ps)).sum(-1))
+  _assert_close(ref, ref64, tol=1e-6)
+  _assert_close(head_divergence(out, alpha=alpha), ref64, tol=1e-6)
+  _assert_close(losses.topk_jsd(x["h"] @ x["w"], x["ht"] @ x["wt"], k=k, alpha=alpha, temperature=temperature),
+                ref64, tol=1e-6)
+
+  c = x["c"][0]
+  fused = lambda h, w: jnp.sum(c * head_divergence(fused_head(
+      h, w, x["ids"], x["ht"], teacher_head_weight_DV=x["wt"], k=k, temperature=temperature, tile_size=4),
+      alpha=alpha))
+  unfused_topk = lambda h, w: jnp.sum(c * losses.topk_jsd(h @ w, x["ht"] @ x["wt"], k=k, alpha=alpha,
+                                                          temperature=temperature))
+  want = jax.grad(lambda h, w: jnp.sum(c * full_vocab(h, w)), argnums=(0, 1))(x["h"], x["w"])
+  for got in (jax.jit(jax.grad(fused, argnums=(0, 1)))(x["h"], x["w"]),
+              jax.grad(unfused_topk, argnums=(0, 1))(x["h"], x["w"])):
+    for a, b in zip(got, want):
+      _assert_close(a, b)
+  assert float(jnp.max(jnp.abs(want[1]))) > 0.0

@@ -54,9 +54,14 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
   assert steps == sorted(set(steps)) and steps[-1] == STEPS
   ref = {r["step"]: r for r in M.read_metrics(str(full))}
   for r in M.read_metrics(str(killed)):
-    for k in (M.TRAIN_REWARD_MEAN, M.LOSS, M.EVAL_ACCURACY):
+    for k in (M.TRAIN_REWARD_MEAN, M.LOSS, M.EVAL_ACCURACY, M.OPTIM_LR):
       if k in r:
         assert r[k] == ref[r["step"]][k], (r["step"], k)
+  # Both clocks continue across the resume (checkpoint meta); evaluation counts on the wall clock only.
+  recs = M.read_metrics(str(killed))
+  train, wall = [r["time_s"] for r in recs], [r[M.TIME_WALL_S] for r in recs]
+  assert train == sorted(train) and wall == sorted(wall)
+  assert all(t <= w for t, w in zip(train, wall)) and wall[-1] - train[-1] > 0
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):

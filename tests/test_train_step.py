@@ -19,21 +19,22 @@ def _model(seed=1):
   return init_model(Qwen3Config.preset("tiny", vocab_size=V, hidden_size=32, intermediate_size=64, head_dim=8), seed=seed)
 
 
-def _step_arrays(rng, b=8, with_sdpo=True):
-  prompts = [list(rng.integers(1, V, rng.integers(3, 9))) for _ in range(b)]
+def _step_arrays(rng, b=8, with_sdpo=True, max_prompt=9):
+  prompts = [list(rng.integers(1, V, rng.integers(3, max_prompt))) for _ in range(b)]
   responses = [list(rng.integers(1, V, rng.integers(0 if i == 3 else 1, 6))) for i in range(b)]  # row 3 may be empty
   rewards = rng.integers(0, 2, b).astype(np.float32)
   sdpo = (rewards == 0) & with_sdpo
   sdpo[0] = with_sdpo
   grpo = ~sdpo
   teacher_prompts = {int(i): list(rng.integers(1, V, rng.integers(4, 12))) for i in np.flatnonzero(sdpo)}
-  p_len, r_len = 16, 8
-  ids, mask, resp = batching.sequences(prompts, responses, p_len, r_len, PAD)
+  p_len, r_len = batching.pow2_bucket(max(map(len, prompts)), 16), 8
+  ids, mask, resp, start = batching.sequences(prompts, responses, p_len, r_len, PAD)
   roll = np.where(resp, -rng.uniform(0.1, 3.0, resp.shape), 0.0).astype(np.float32)
   old = np.where(resp, -rng.uniform(0.1, 3.0, resp.shape), 0.0).astype(np.float32)
   adv = (rewards - rewards.mean()).astype(np.float32)
   dw = np.where(resp, rng.uniform(0.5, 1.5, resp.shape), 1.0).astype(np.float32)
-  return dict(ids=ids, mask=mask, resp=resp, old_logp=old, roll_logp=roll, adv=adv, grpo=grpo, sdpo=sdpo, dw=dw,
+  return dict(ids=ids, mask=mask, start=start, resp=resp, old_logp=old, roll_logp=roll, adv=adv, grpo=grpo,
+              sdpo=sdpo, dw=dw,
               teacher_prompts=teacher_prompts, responses=responses, pad=PAD)
 
 
@@ -105,3 +106,38 @@ def test_no_sdpo_rollouts_means_no_teacher_forward():
   # With SDPO rows, a NaN teacher does reach the loss (the test above would catch a silently skipped teacher).
   _, _, out_t = fns.update(params, opt_state, nan_teacher, mb_t, jnp.float32(10.0))
   assert not bool(out_t.finite)
+
+
+@pytest.mark.parametrize("method,agg", [("srpo", "token-mean"), ("sdpo", "seq-mean-token-mean")])
+def test_token_budget_micro_batches_give_the_whole_mini_batch_gradient(method, agg):
+  """Ragged micro-batches (length-sorted groups under a token budget, each cut to its own shape) accumulate the same
+  loss and gradient as the whole mini-batch in one micro-batch."""
+  graphdef, params = nnx.split(_model())
+  teacher = nnx.split(_model(seed=7))[1]
+  zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
+  opt = optax.GradientTransformation(zeros, lambda g, state, params=None: (zeros(g), g))
+  fns = make_train_fns(graphdef, opt, LossHParams(algo=AlgoConfig(name=method, topk=16), loss_agg=agg, tile_size=8))
+  arrays = _step_arrays(np.random.default_rng(2), max_prompt=40)  # rows of 4 to 44 tokens: buckets 16, 32, 64
+  rows = np.arange(8)
+  den = losses.objective_denominator(jnp.asarray(arrays["resp"]), jnp.asarray(arrays["grpo"]),
+                                     jnp.asarray(arrays["sdpo"]), loss_agg=agg)
+  _, want, out = fns.update(params, opt.init(params), teacher, batching.micro_batches(rows, 8, **arrays), den)
+
+  step = batching.StepArrays(**{k: arrays[k] for k in batching.StepArrays._fields})
+  lengths = arrays["mask"].sum(axis=1)
+  groups = batching.token_budget_groups(rows, lengths, budget=64)
+  assert len(groups) > 1 and sorted(sum(groups, [])) == list(range(8))
+  mbs = [batching.micro_batch(g, step, arrays["teacher_prompts"], arrays["responses"], PAD) for g in groups]
+  assert len({mb.ids.shape for mb in mbs}) > 1  # ragged: the groups were cut to different shapes
+  for mb in mbs:
+    assert mb.ids.shape[0] * mb.ids.shape[1] <= 64  # the token budget (one device)
+  grads, loss = zeros(params), 0.0
+  for mb in mbs:
+    grads, mb_loss, _, _ = fns.accumulate(params, teacher, grads, mb, den)
+    loss += float(mb_loss)
+  assert loss == pytest.approx(float(out.loss), rel=1e-6, abs=1e-9)
+  flat = lambda t: np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(t)])
+  w, g = flat(want), flat(grads)
+  assert np.abs(w).max() > 0
+  assert np.linalg.norm(g - w) <= 1e-5 * np.linalg.norm(w)
+  assert 0.0 <= batching.padding_fraction(mbs) < batching.padding_fraction([batching.micro_batches(rows, 8, **arrays)])

@@ -1,7 +1,9 @@
-"""End to end: every method trains a few steps on the tiny config; non-finite steps; teacher compute follows routing."""
+"""End to end: every method trains a few steps on the tiny config; non-finite steps (and the EMA teacher after them);
+the lr of each training step; evaluation off the training clock."""
 import json
 import math
 import os
+import time
 
 import jax
 import numpy as np
@@ -65,7 +67,7 @@ def test_method_runs_end_to_end(method, tmp_path, tokenizer):
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, tokenizer):
-  cfg = fast_config(tmp_path, **{"algo.name": "grpo", "train.steps": 5, "train.max_nonfinite_in_row": 2})
+  cfg = fast_config(tmp_path, **{"algo.name": "srpo", "train.steps": 5, "train.max_nonfinite_in_row": 2})
   # The step-0 evaluation and training step 1 score healthy rewards; every reward after that is NaN (so are the
   # advantages and the loss).
   healthy = cfg.eval.max_questions * cfg.eval.n_samples + cfg.rollout.prompts_per_step * cfg.rollout.n
@@ -90,3 +92,41 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, tokenizer):
   for a, b in zip(_leaves(s1["params"]), _leaves(s2["params"])):
     assert np.isfinite(a).all()
     np.testing.assert_array_equal(a, b)
+  # The policy did not update at step 2, so neither did the EMA teacher (official code; it used to move toward θ).
+  for a, b in zip(_leaves(s1["teacher"]), _leaves(s2["teacher"])):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b) for a, b in zip(_leaves(s1["teacher"]), _leaves(s1["params"])))
+
+
+class _SlowEvalTrainer(trainer_lib.Trainer):
+  """Every evaluation takes 1 s and scores 0.5."""
+
+  def evaluate(self, step):
+    time.sleep(1.0)
+    return {M.EVAL_ACCURACY: 0.5, M.EVAL_TIME_S: 1.0}
+
+
+def test_lr_per_training_step_and_evaluation_off_the_training_clock(tmp_path, tokenizer):
+  cfg = fast_config(tmp_path, **{"algo.name": "grpo", "train.steps": 3, "optim.warmup_steps": 2, "optim.lr": 1e-3,
+                                 "eval.every_steps": 1})
+  assert cfg.optimizer_steps_per_step == 2
+  summary = _SlowEvalTrainer(cfg, tokenizer=tokenizer, task=coin_task(cfg, tokenizer)).run()
+  recs = {r["step"]: r for r in _records(tmp_path)}
+  # Training step s (record s + 1) runs both its optimizer steps at lr · min(s / 2, 1); counting optimizer steps
+  # instead, the first record would report lr · 2 / 2.
+  assert [recs[s][M.OPTIM_LR] for s in (1, 2, 3)] == pytest.approx([0.0, 5e-4, 1e-3])
+  # Step 0 and each of the 3 steps evaluated (1 s each): on the wall clock only.
+  for s, r in recs.items():
+    assert r[M.TIME_WALL_S] - r["time_s"] >= (s + 1) * 1.0 - 0.05, (s, r)
+    assert r["time_s"] < r[M.TIME_WALL_S]
+  assert summary[M.SUMMARY_WALL_TIME_S] - summary[M.SUMMARY_TRAIN_TIME_S] >= 4.0 - 0.05
+
+
+def test_token_budget_micro_batches_train_end_to_end(tmp_path, tokenizer):
+  """optim.micro_batch_tokens: length-sorted micro-batches under a per-device token budget, padding logged."""
+  cfg = fast_config(tmp_path, **{"algo.name": "srpo", "optim.micro_batch_tokens": 256, "train.steps": 1})
+  tr = trainer_lib.Trainer(cfg, tokenizer=tokenizer, task=coin_task(cfg, tokenizer))
+  tr.run()
+  (rec,) = [r for r in _records(tmp_path) if r["step"] == 1]
+  assert math.isfinite(rec[M.LOSS]) and rec[M.OPTIM_GRAD_NORM] > 0
+  assert 0.0 <= rec[M.BATCH_PADDING_FRAC] < 1.0

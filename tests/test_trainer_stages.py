@@ -1,5 +1,6 @@
 """The trainer's stages called with plain inputs: prompt order, rollouts, scoring and routing, teacher prompts, the
-prepare program (π_old, DW weights) and the step's metrics. No trainer, no monkey-patching."""
+prepare program (π_old, DW weights), the lr of a training step, the EMA teacher, the clocks and the step's metrics.
+No trainer, no monkey-patching."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,23 +80,72 @@ def test_score_and_route(method):
   np.testing.assert_array_equal(sc.sdpo, expect_sdpo[method])
   np.testing.assert_array_equal(sc.grpo, ~sc.sdpo)
   np.testing.assert_array_equal(sc.sibling, [-1, 0, 0, -1, 3, 3])
+  np.testing.assert_array_equal(sc.has_teacher, [False, True, True, False, True, True])
+
+
+def _scored(correct, sibling, method):
+  """Scored for a group layout: m_i from the siblings, masks from the method (as score_and_route)."""
+  correct, sibling = np.asarray(correct, bool), np.asarray(sibling, np.int32)
+  grpo, sdpo = methods.get(method).route_masks(correct, sibling >= 0)
+  return T.Scored(rewards=correct.astype(np.float32), adv=np.zeros(len(correct), np.float32), grpo=grpo, sdpo=sdpo,
+                  sibling=sibling, correct=correct, has_teacher=sibling >= 0)
 
 
 def test_build_teacher_prompts_only_for_sdpo_rows_and_counts_cuts(tokenizer):
   texts = ["<answer>A</answer>", "nope", "<answer>A</answer> " + "long " * 300]
   ro = _rollouts(texts, [0, 0, 0])
-  sc = T.Scored(rewards=np.array([1, 0, 1], np.float32), adv=np.zeros(3, np.float32),
-                grpo=np.array([True, False, True]), sdpo=np.array([False, True, False]),
-                sibling=np.array([2, 0, 0], np.int32), correct=np.array([True, False, True]))
+  sc = _scored([True, False, True], [2, 0, 0], "srpo")
   messages = lambda row: [{"role": "user", "content": f"question {row}"}]
-  prompts, cut = T.build_teacher_prompts(ro, sc, messages, tokenizer, teacher_max_tokens=4096)
-  assert list(prompts) == [1] and cut == 0
-  text = tokenizer.decode(prompts[1])
+  srpo = methods.get("srpo")
+  tp, sc1 = T.build_teacher_prompts(ro, sc, messages, tokenizer, 4096, srpo)
+  assert list(tp.ids) == [1] and (tp.truncated, tp.over_budget) == (0, 0) and sc1 is sc
+  text = tokenizer.decode(tp.ids[1])
   assert "question 0" in text and "Correct solution:" in text and "<answer>A</answer>" in text
   # The sibling of rollout 1 is now the long one; a small budget cuts its solution (and counts it).
   sc.sibling[1] = 2
-  prompts, cut = T.build_teacher_prompts(ro, sc, messages, tokenizer, teacher_max_tokens=80)
-  assert cut == 1 and len(prompts[1]) <= 80
+  tp, _ = T.build_teacher_prompts(ro, sc, messages, tokenizer, 80, srpo)
+  assert tp.truncated == 1 and len(tp.ids[1]) <= 80 and tp.over_budget == 0
+
+
+def test_teacher_budget_is_the_prompt_alone_not_prompt_plus_response(tokenizer):
+  """Official max_reprompt_len: the budget bounds the teacher prompt; the student's response comes after it."""
+  sibling = "<answer>A</answer> " + "step " * 120
+  ro = _rollouts([sibling, "nope"], [0, 0])
+  ro.responses[1] = np.arange(1, 3001)  # a 3,000-token student response
+  messages = lambda row: [{"role": "user", "content": "question"}]
+  full = T.build_teacher_prompts(ro, _scored([True, False], [-1, 0], "srpo"), messages, tokenizer, 10240,
+                                 methods.get("srpo"))[0].ids[1]
+  budget = len(full) + 10  # the prompt fits; prompt + response (3,000 more tokens) would not
+  tp, _ = T.build_teacher_prompts(ro, _scored([True, False], [-1, 0], "srpo"), messages, tokenizer, budget,
+                                  methods.get("srpo"))
+  assert tp.truncated == 0 and tp.ids[1] == full  # the old budget (10 tokens left after the response) cut it
+
+
+@pytest.mark.parametrize("method", ["srpo", "sdpo", "advantage_mix", "grpo_sdpo_all"])
+def test_template_over_budget_reroutes_through_the_method_and_is_counted(tokenizer, method):
+  """A question longer than the budget leaves no room for any solution: no teacher information for that rollout."""
+  texts = ["<answer>A</answer>", "<answer>A</answer>", "nope", "<answer>A</answer>", "nope"]
+  ro = _rollouts(texts, [0, 0, 0, 1, 1])
+  long_q = "why " * 200  # prompt row 0's question alone is over the budget; row 1's is short
+  messages = lambda row: [{"role": "user", "content": long_q if row == 0 else "short question"}]
+  sc = _scored([True, True, False, True, False], [1, 0, 0, -1, 3], method)  # sdpo etc. also route rows 0, 1
+  tp, sc2 = T.build_teacher_prompts(ro, sc, messages, tokenizer, 100, methods.get(method))
+  sdpo_rows = set(np.flatnonzero(sc.sdpo))
+  rerouted = {i for i in sdpo_rows if i < 3}  # group 0 (the long question)
+  assert tp.over_budget == len(rerouted) > 0
+  assert set(tp.ids) == sdpo_rows - rerouted  # no teacher sequence for a re-routed rollout (old code: one for each)
+  assert set(np.flatnonzero(sc2.sdpo)) == set(tp.ids)
+  has_teacher = sc.has_teacher.copy()
+  has_teacher[sorted(rerouted)] = False
+  np.testing.assert_array_equal(sc2.has_teacher, has_teacher)
+  assert (sc2.sibling[sorted(rerouted)] == -1).all()
+  grpo, sdpo = methods.get(method).route_masks(sc.correct, has_teacher)
+  np.testing.assert_array_equal(sc2.grpo, grpo)
+  np.testing.assert_array_equal(sc2.sdpo, sdpo)
+  if method == "srpo":  # failed rollouts without teacher information take the GRPO fallback
+    np.testing.assert_array_equal(sc2.grpo, [True, True, True, True, False])
+  for i in tp.ids:
+    assert len(tp.ids[i]) <= 100
 
 
 def _tiny():
@@ -119,7 +169,7 @@ def test_prepare_gives_pi_old_and_dw_weights_normalised_over_omega(method):
                   texts=[""] * 6, group_ids=np.zeros(6, int))
   sdpo = np.array([False, True, True, False, True, False])
   sc = T.Scored(rewards=np.zeros(6, np.float32), adv=np.zeros(6, np.float32), grpo=~sdpo, sdpo=sdpo,
-                sibling=np.zeros(6, np.int32), correct=np.zeros(6, bool))
+                sibling=np.zeros(6, np.int32), correct=np.zeros(6, bool), has_teacher=sdpo)
   t_prompts = {int(i): list(rng.integers(1, V, 6)) for i in np.flatnonzero(sdpo)}
   batch = T.assemble(ro, prompts, PAD)
   state = T.TrainState(params=params, opt_state=opt.init(params), teacher=teacher)
@@ -128,8 +178,14 @@ def test_prepare_gives_pi_old_and_dw_weights_normalised_over_omega(method):
   # π_old: the student's own log-probs of the sampled tokens (full-logits reference).
   model = nnx.merge(graphdef, params)
   r_len = batch.resp.shape[1]
-  logits = model(jnp.asarray(batch.ids), jnp.asarray(batch.mask))[:, -r_len - 1:-1]
-  ref_logp = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), batch.ids[:, -r_len:, None], -1)[..., 0]
+
+  def response_logp(m, ids, mask, start):  # full logits at the right-padded rows' response positions
+    pos = np.clip(start[:, None] + np.arange(r_len), 0, ids.shape[1] - 1)
+    logp = np.asarray(jax.nn.log_softmax(m(jnp.asarray(ids), jnp.asarray(mask))))
+    return np.take_along_axis(logp, np.maximum(pos - 1, 0)[..., None], 1), pos
+
+  full, pos = response_logp(model, batch.ids, batch.mask, batch.start)
+  ref_logp = np.take_along_axis(full, np.take_along_axis(batch.ids, pos, 1)[..., None], -1)[..., 0]
   np.testing.assert_allclose(prep.old_logp[batch.resp], ref_logp[batch.resp], atol=1e-5)
   if method == "srpo_no_dw":
     assert prep.dw_stats is None and (prep.dw == 1.0).all()
@@ -137,9 +193,7 @@ def test_prepare_gives_pi_old_and_dw_weights_normalised_over_omega(method):
   # DW: exp(-βH_teacher) / mean over Ω, H from the teacher's full logits on its own (teacher-prompted) sequences.
   rows = np.flatnonzero(sdpo)
   t = batching.teacher_rows(rows, t_prompts, responses, r_len, PAD)
-  t_model = nnx.merge(graphdef, teacher)
-  t_logits = t_model(jnp.asarray(t.ids), jnp.asarray(t.mask))[:, -r_len - 1:-1]
-  t_logp = np.asarray(jax.nn.log_softmax(t_logits))
+  t_logp, _ = response_logp(nnx.merge(graphdef, teacher), t.ids, t.mask, t.start)
   ent = -(np.exp(t_logp) * t_logp).sum(-1)[:len(rows)]
   on = batch.resp[rows]
   w = np.exp(-0.7 * ent[on])
@@ -177,7 +231,8 @@ def test_step_metrics_route_fractions_and_logp_mismatch():
   ro = _rollouts(["a"] * 4, [0, 0, 1, 1])
   sc = T.Scored(rewards=np.array([1, 0, 0, 0], np.float32), adv=np.zeros(4, np.float32),
                 grpo=np.array([True, False, True, True]), sdpo=np.array([False, True, False, False]),
-                sibling=np.array([-1, 0, -1, -1], np.int32), correct=np.array([True, False, False, False]))
+                sibling=np.array([-1, 0, -1, -1], np.int32), correct=np.array([True, False, False, False]),
+                has_teacher=np.array([False, True, False, False]))
   batch = T.assemble(ro, [[1]] * 4, PAD)
   old = np.where(batch.resp, batch.roll_logp - 0.25, 0.0)
   prep = T.Prepared(old_logp=old, dw=np.ones_like(old), dw_stats=None)
@@ -186,3 +241,53 @@ def test_step_metrics_route_fractions_and_logp_mismatch():
   assert m[M.ROLLOUT_LOGP_MISMATCH_ABS] == pytest.approx(0.25) and m[M.TRAIN_ACCURACY] == 0.25
   assert m[M.ROLLOUT_TOKENS_PER_S] == sum(len(r) for r in ro.responses) / 2.0
   assert M.DW_MEAN not in m
+
+
+def test_lr_warms_up_over_training_steps_constant_within_a_step():
+  """verl steps its scheduler once per training step: GRPO's 4 optimizer steps per training step share one lr, and
+  the 10-step warm-up ends at training step 10, not 2.5."""
+  opt, schedule = make_optimizer(1.0, warmup_steps=10, weight_decay=0.0, grad_clip=None)
+  params = {"w": jnp.zeros(3)}
+  grads = {"w": jnp.ones(3)}
+  state = opt.init(params)
+  for step in range(13):
+    state = T.set_lr(state, float(schedule(step)))
+    for _ in range(4):  # Adam on a constant gradient: each update is -lr (to fp32 bias-correction rounding)
+      updates, state = opt.update(grads, state, params)
+      np.testing.assert_allclose(-np.asarray(updates["w"]), min(step / 10, 1.0), rtol=1e-4, atol=1e-7)
+    assert T.current_lr(state) == pytest.approx(min(step / 10, 1.0))  # the lr the step used, as logged
+
+
+def test_lr_of_a_skipped_step_stays_in_the_state():
+  """A non-finite step keeps the old optimizer state (train_step.update) and with it the lr it was given."""
+  opt, schedule = make_optimizer(2.0, warmup_steps=4)
+  state = T.set_lr(opt.init({"w": jnp.zeros(2)}), float(schedule(3)))
+  assert T.current_lr(state) == pytest.approx(1.5)
+  assert T.current_lr(T.set_lr(state, float(schedule(9)))) == 2.0
+
+
+def _tree(x):
+  return {"a": jnp.full((2,), x, jnp.float32), "b": jnp.full((3,), x, jnp.float32)}
+
+
+@pytest.mark.parametrize("finite,moved", [((False, False), False), ((False, True), True), ((True,), True)])
+def test_ema_teacher_only_after_a_policy_update(finite, moved):
+  """θ_T moves only when at least one optimizer step of the training step was applied (official code)."""
+  fns = T.TrainFns(prepare=None, update=None,
+                   ema=jax.jit(lambda t, p, rate: jax.tree.map(lambda a, b: (1 - rate) * a + rate * b, t, p)))
+  stats = [_stats(1.0, 1.0)._replace(finite=np.bool_(f)) for f in finite]
+  teacher, did = T.ema_teacher(fns, _tree(0.0), _tree(1.0), stats, methods.get("srpo"), 0.05)
+  assert did == moved
+  np.testing.assert_allclose(teacher["a"], 0.05 if moved else 0.0, rtol=1e-6)
+  # GRPO has no teacher: never updated.
+  assert T.ema_teacher(fns, _tree(0.0), _tree(1.0), stats, methods.get("grpo"), 0.05)[1] is False
+
+
+def test_clocks_exclude_evaluation_from_the_training_clock_and_carry_offsets():
+  now = [100.0]
+  clocks = T.Clocks(wall_offset_s=50.0, train_offset_s=40.0, now=lambda: now[0])
+  now[0] += 3.0  # training
+  with clocks.excluded():  # evaluation
+    now[0] += 5.0
+  now[0] += 2.0
+  assert clocks.wall_s() == pytest.approx(60.0) and clocks.train_s() == pytest.approx(45.0)

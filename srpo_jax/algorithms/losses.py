@@ -23,7 +23,8 @@ SDPO code's IS ratio; for the rollout weight too, which changes nothing above `e
 Precision note: when the top-k holds nearly all the mass (1 - Σp ~ 1e-5), the tail log-prob loses relative precision
 in float32 (torch float32 equally); the divergence then differs from a float64 evaluation by ~1e-4 at α = 0.
 
-Letters: B rollouts, T response positions, V vocabulary, K top-k (K1 = K + 1 with the tail bucket).
+Letters (srpo_jax/models/qwen3.py): B rollouts, T response positions, V vocabulary, E top-k entries (E1 = E + 1 with
+the tail bucket).
 """
 from __future__ import annotations
 
@@ -131,7 +132,7 @@ def _kl(logp: jax.Array, logq: jax.Array) -> jax.Array:
 
 
 def generalized_jsd(student_logp: jax.Array, teacher_logp: jax.Array, *, alpha: float = 0.5) -> jax.Array:
-  """Generalized JSD over the last axis between two distributions given as log-probs `[..., K1] -> [...]`.
+  """Generalized JSD over the last axis between two distributions given as log-probs `[..., E1] -> [...]`.
 
   `M = (1-α) P_S + α P_T`, `ℓ = (1-α) KL(P_S‖M) + α KL(P_T‖M)`; α = 0 is KL(P_T‖P_S), α = 1 is KL(P_S‖P_T).
   """
@@ -152,18 +153,19 @@ def topk_jsd(student_logits: jax.Array, teacher_logits: jax.Array, *, k: int = 1
   Both logit arrays are divided by `temperature` and log-softmaxed over the FULL vocabulary in float32 (a bf16
   log-sum-exp over 151,936 entries loses the small probabilities the tail bucket is made of); both are gathered at
   the student's top-k indices; the tail bucket is appended; the generalized JSD with `alpha` follows. The teacher
-  is stop-gradient.
+  is stop-gradient. `k >= V` covers the vocabulary (k = V): no tail bucket, the full-vocabulary divergence.
   """
   chex.assert_equal_shape([student_logits, teacher_logits])
   s_logits = student_logits.astype(jnp.float32) / temperature
   t_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32) / temperature)
   s_logp = jax.nn.log_softmax(s_logits, axis=-1)
   t_logp = jax.nn.log_softmax(t_logits, axis=-1)
-  _, idx = jax.lax.top_k(jax.lax.stop_gradient(s_logits), k)
+  vocab = s_logits.shape[-1]
+  _, idx = jax.lax.top_k(jax.lax.stop_gradient(s_logits), min(k, vocab))
   s_topk = jnp.take_along_axis(s_logp, idx, axis=-1)
   t_topk = jnp.take_along_axis(t_logp, idx, axis=-1)
-  return generalized_jsd(topk_logprobs_with_tail(s_topk, add_tail=add_tail),
-                         topk_logprobs_with_tail(t_topk, add_tail=add_tail), alpha=alpha)
+  return generalized_jsd(topk_logprobs_with_tail(s_topk, add_tail=add_tail, vocab_size=vocab),
+                         topk_logprobs_with_tail(t_topk, add_tail=add_tail, vocab_size=vocab), alpha=alpha)
 
 
 def head_divergence(out: HeadOutputs, *, alpha: float = 0.5, add_tail: bool = True) -> jax.Array:

@@ -50,6 +50,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from srpo_jax import sharding
+from srpo_jax.models import attention as attention_lib
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -85,6 +88,9 @@ class Qwen3Config:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: bool = False
+  # Attention implementation (srpo_jax.models.attention): auto | naive | blockwise | cudnn, and blockwise's key block.
+  attention: str = "auto"
+  attention_block: int = 512
 
   def __post_init__(self):
     if self.num_attention_heads % self.num_key_value_heads:
@@ -93,6 +99,10 @@ class Qwen3Config:
     if self.head_dim % 2:
       raise ValueError(f"Qwen3Config: head_dim={self.head_dim} must be even for rotate-half RoPE")
     as_dtype(self.param_dtype), as_dtype(self.dtype)
+    if self.attention not in attention_lib.IMPLEMENTATIONS:
+      raise ValueError(f"Qwen3Config: attention={self.attention!r}; expected one of {attention_lib.IMPLEMENTATIONS}")
+    if self.attention_block <= 0:
+      raise ValueError(f"Qwen3Config: attention_block={self.attention_block} must be > 0")
 
   # -- HF config.json ------------------------------------------------------------------------------------------------
   @classmethod
@@ -258,7 +268,8 @@ class Attention(nnx.Module):
   def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
     d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     pd, std = as_dtype(cfg.param_dtype), 0.02
-    self.q_heads_per_kv_head, self.head_dim, self.rope_theta = cfg.q_heads_per_kv_head, h, cfg.rope_theta
+    self.head_dim, self.rope_theta = h, cfg.rope_theta
+    self.attention, self.attention_block = cfg.attention, cfg.attention_block
     self.dtype = as_dtype(cfg.dtype)
     self.q = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), pd, std)
     self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std)
@@ -278,8 +289,12 @@ class Attention(nnx.Module):
     y = jnp.einsum("BQD,D...->BQ...", x_BQD, w[...].astype(self.dtype))
     return y if b is None else y + b[...].astype(self.dtype)
 
-  def __call__(self, x_BQD, positions_BQ, mask_BQS, kv_cache=None):
-    """kv_cache: None, or (k_BSKH, v_BSKH, write_index) — the new k/v are written at slots write_index + [0, Q)."""
+  def __call__(self, x_BQD, positions_BQ, q_slots_BQ, kv_valid_BS, kv_cache=None, right_padded=False):
+    """Query q (at slot q_slots_BQ[b, q]) attends to slots s <= its own with kv_valid_BS[b, s].
+
+    kv_cache: None (keys are the Q positions themselves), or (k_BSKH, v_BSKH, write_index): the new k/v are written
+    at slots write_index + [0, Q) and the keys are the cache's S slots.
+    """
     q = rope(self.q_norm(self._proj(x_BQD, self.q, self.q_bias)), positions_BQ, self.rope_theta)
     k = rope(self.k_norm(self._proj(x_BQD, self.k, self.k_bias)), positions_BQ, self.rope_theta)
     v = self._proj(x_BQD, self.v, self.v_bias)
@@ -287,15 +302,10 @@ class Attention(nnx.Module):
       k_cache, v_cache, index = kv_cache
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-    b, num_q, n, h = q.shape
-    r = self.q_heads_per_kv_head
-    q = q.reshape(b, num_q, n // r, r, h)  # [B, Q, K, R, H]
-    scores = jnp.einsum("BQKRH,BSKH->BKRQS", q, k.astype(q.dtype)).astype(jnp.float32) * h ** -0.5
-    # A finite fill (not -inf) keeps fully-masked rows (left-padding queries) NaN-free; they carry no loss.
-    scores = jnp.where(mask_BQS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("BKRQS,BSKH->BQKRH", probs, v.astype(self.dtype)).reshape(b, num_q, n, h)
-    y = jnp.einsum("BQNH,NHD->BQD", out, self.o[...].astype(self.dtype))
+    out = attention_lib.attention(q, k.astype(q.dtype), v.astype(self.dtype), q_slots_BQ, kv_valid_BS,
+                                  impl=self.attention, right_padded=right_padded and kv_cache is None,
+                                  block=self.attention_block)
+    y = jnp.einsum("BQNH,NHD->BQD", out.astype(self.dtype), self.o[...].astype(self.dtype))
     return y, (k, v)
 
 
@@ -322,8 +332,8 @@ class DecoderLayer(nnx.Module):
     self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pd, axis="norm", rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x_BQD, positions_BQ, mask_BQS, kv_cache=None):
-    a, new_kv = self.attn(self.input_norm(x_BQD), positions_BQ, mask_BQS, kv_cache)
+  def __call__(self, x_BQD, positions_BQ, q_slots_BQ, kv_valid_BS, kv_cache=None, right_padded=False):
+    a, new_kv = self.attn(self.input_norm(x_BQD), positions_BQ, q_slots_BQ, kv_valid_BS, kv_cache, right_padded)
     x_BQD = x_BQD + a
     return x_BQD + self.mlp(self.post_attn_norm(x_BQD)), new_kv
 
@@ -355,17 +365,20 @@ class Qwen3(nnx.Module):
     return jnp.einsum("BSD,DV->BSV", hidden_BSD, self.head_weight().astype(hidden_BSD.dtype),
                       preferred_element_type=jnp.float32)
 
-  def hidden_states(self, input_ids_BS, attention_mask_BS=None, positions_BS=None):
-    """Final-normed hidden states [B, S, D] in the compute dtype (full causal + padding mask, no cache)."""
+  def hidden_states(self, input_ids_BS, attention_mask_BS=None, positions_BS=None, *, right_padded: bool = False):
+    """Final-normed hidden states [B, S, D] in the compute dtype (full causal + padding mask, no cache).
+
+    right_padded=True promises that each row's valid tokens are a prefix (prompt, response, then padding): it lets
+    "auto" attention use cuDNN flash attention on GPUs, which takes per-row lengths instead of a mask.
+    """
     b, s = input_ids_BS.shape
     if attention_mask_BS is None:
       attention_mask_BS = jnp.ones((b, s), jnp.bool_)
     attention_mask_BS = attention_mask_BS.astype(jnp.bool_)
     if positions_BS is None:
       positions_BS = positions_from_mask(attention_mask_BS)
-    causal_QS = jnp.tril(jnp.ones((s, s), jnp.bool_))  # every position is a query here: Q = S
-    mask_BQS = causal_QS[None] & attention_mask_BS[:, None, :]
-    h, _ = self._run_layers(input_ids_BS, positions_BS, mask_BQS, None, 0)
+    q_slots_BQ = jnp.broadcast_to(jnp.arange(s), (b, s))  # every position is a query here: Q = S
+    h, _ = self._run_layers(input_ids_BS, positions_BS, q_slots_BQ, attention_mask_BS, None, 0, right_padded)
     return h
 
   def __call__(self, input_ids, attention_mask=None, positions=None):
@@ -384,24 +397,26 @@ class Qwen3(nnx.Module):
     Prefill: index 0, the left-padded prompt (Q = P). Decode: Q = 1 at index = P + steps so far. Query q sits at
     slot index + q and attends to valid slots s <= index + q.
     """
-    num_q = input_ids_BQ.shape[1]
+    b, num_q = input_ids_BQ.shape
     valid_BS = jax.lax.dynamic_update_slice(cache.valid, attention_mask_BQ.astype(jnp.bool_), (0, index))
-    slots_S = jnp.arange(cache.max_len)
-    q_slots_Q = index + jnp.arange(num_q)
-    mask_BQS = (slots_S[None, :] <= q_slots_Q[:, None])[None] & valid_BS[:, None, :]
-    h, (ks, vs) = self._run_layers(input_ids_BQ, positions_BQ, mask_BQS, cache, index)
+    q_slots_BQ = jnp.broadcast_to(index + jnp.arange(num_q), (b, num_q))
+    h, (ks, vs) = self._run_layers(input_ids_BQ, positions_BQ, q_slots_BQ, valid_BS, cache, index)
     return h, KVCache(k=ks, v=vs, valid=valid_BS)
 
-  def _run_layers(self, input_ids_BQ, positions_BQ, mask_BQS, cache, index):
-    x = jnp.take(self.embed[...], input_ids_BQ, axis=0).astype(self.dtype)
+  def _run_layers(self, input_ids_BQ, positions_BQ, q_slots_BQ, kv_valid_BS, cache, index, right_padded=False):
+    # Rows split over the mesh's ("data", "fsdp") axes under a mesh context (sharding.constrain_rows): FSDP, not a
+    # gathered batch.
+    x = sharding.constrain_rows(jnp.take(self.embed[...], input_ids_BQ, axis=0).astype(self.dtype))
     ks, vs = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i], index)
       if self.config.remat and cache is None:
         # Rematerialise each layer in the backward pass: activations of one layer at a time (training path only).
-        x, new_kv = nnx.remat(lambda lyr, *a: lyr(*a))(layer, x, positions_BQ, mask_BQS)
+        x, new_kv = nnx.remat(lambda lyr, *a: lyr(*a, None, right_padded))(layer, x, positions_BQ, q_slots_BQ,
+                                                                             kv_valid_BS)
       else:
-        x, new_kv = layer(x, positions_BQ, mask_BQS, kv)
+        x, new_kv = layer(x, positions_BQ, q_slots_BQ, kv_valid_BS, kv, right_padded)
+      x = sharding.constrain_rows(x)
       ks.append(new_kv[0])
       vs.append(new_kv[1])
     h = self.final_norm(x)
