@@ -13,8 +13,27 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-.PHONY: install demo test compare bench clean
+# A second environment with JAX's CUDA plugin, for compiling GPU programs without a GPU (srpo_jax.plan, the
+# deviceless test tests/test_plan.py runs through tests/aot_worker.py). Kept apart: in .venv the CUDA plugin would
+# make JAX look for a GPU, and the CPU demo and tests must run on the CPU build.
+AOT_VENV := .venv-aot
+AOT_STAMP := $(AOT_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+$(AOT_STAMP): pyproject.toml
+	test -x $(AOT_VENV)/bin/python || $(PY) -m venv $(AOT_VENV)
+	$(AOT_VENV)/bin/pip install -q --upgrade pip
+	$(AOT_VENV)/bin/pip install -q -e '.[gpu]'
+	rm -f $(AOT_VENV)/.installed-* && touch $@
+
+.PHONY: install aot-env plan demo test compare bench clean
 install: $(STAMP)
+aot-env: $(AOT_STAMP)
+
+# make plan CONFIG=configs/qwen3_8b.py TARGET=h100x8: will the run fit? (srpo_jax/plan.py; deviceless compile)
+CONFIG ?= configs/qwen3_8b.py
+TARGET ?= h100x8
+plan: $(AOT_STAMP)
+	$(AOT_VENV)/bin/python -m srpo_jax.plan --config=$(CONFIG) --target=$(TARGET)
 
 demo: $(STAMP)
 	rm -rf runs/tiny
@@ -25,7 +44,7 @@ compare: $(STAMP)  # make compare SEEDS=3: every method on seeds 0, 1, 2 (srpo_j
 	rm -rf runs/tiny_compare
 	$(BIN)/python -m srpo_jax.compare --config=configs/tiny.py --seeds=$(SEEDS)
 
-test: $(STAMP)
+test: $(STAMP) $(AOT_STAMP)
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
@@ -33,4 +52,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/sampler.py
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(AOT_VENV) runs

@@ -8,4 +8,8 @@ from srpo_jax import config
 
 def get_config(param: str = ""):
   # ~13 GB of fp32 weights + AdamW moments + EMA teacher fits one GPU: pure data parallelism over all devices.
-  return config.paper_config("Qwen3-0.6B", param, mesh={"data": -1, "fsdp": 1, "tensor": 1})
+  c = config.paper_config("Qwen3-0.6B", param, mesh={"data": -1, "fsdp": 1, "tensor": 1})
+  # 16 rollouts per forward/backward: 2 per GPU on 8 GPUs. `python -m srpo_jax.plan --target=h100x8` compiles the
+  # update at 32.8 GiB per device of JAX's 43.5 (64 rollouts would need 61 GiB; BUILD_NOTES.md, "Planner").
+  c.optim.micro_batch_size = 16
+  return c

@@ -242,6 +242,11 @@ class RolloutConfig:
                                  "sglang_args.")
   sglang_args: tuple[str, ...] = _f((), "Extra `python -m sglang.launch_server` arguments (tuple of str), e.g. "
                                     "(\"--tp\", \"2\").")
+  sglang_python: Optional[str] = _f(
+      None, "Python interpreter that launches the SGLang server (`<sglang_python> -m sglang.launch_server`); None = "
+      "this process's. SGLang's torch (CUDA 13 libraries) and jax[cuda12] overwrite each other's cuDNN/NCCL files in "
+      "one environment: install SGLang in its own (README, \"GPUs\") and name its python here, or attach to a "
+      "running server with sglang_url.", NON_EMPTY)
   length_buckets: tuple[int, ...] = _f(
       (), "jax engine: prompt lengths to pad to (one compile each; the largest >= data.max_prompt_tokens); () = the "
       "engine's default buckets.", INCREASING_POSITIVE)

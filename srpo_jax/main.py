@@ -31,8 +31,12 @@ def main(argv):
   except config_lib.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
-  from srpo_jax import run
-  run.run(cfg, mesh=run.build_mesh(cfg))
+  from srpo_jax import plan, run
+  try:
+    run.run(cfg, mesh=run.build_mesh(cfg))
+  except plan.DoesNotFit as e:
+    print(f"memory plan: {e}", file=sys.stderr)
+    sys.exit(3)
 
 
 if __name__ == "__main__":

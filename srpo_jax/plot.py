@@ -110,7 +110,12 @@ def plot_runs(run_dirs: Sequence[str], out: str) -> plt.Figure:
     ax.set(title=title, xlabel="step", ylabel=ylabel)
     if not lines(ax, key):
       _no_data(ax)
-  for ax in axes.ravel():
+  return _finish(fig, axes.ravel(), out)
+
+
+def _finish(fig, axes, out: str):
+  """Grid and legend on every panel, then the PNG at `out` (its directory created)."""
+  for ax in axes:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7)
@@ -162,13 +167,7 @@ def plot_seed_bands(runs_by_method: dict[str, Sequence[str]], out: str) -> plt.F
       drawn = True
     if not drawn:
       _no_data(ax)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=7)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=100)
-  plt.close(fig)
-  return fig
+  return _finish(fig, axes.ravel(), out)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -8,9 +8,10 @@ from srpo_jax import config as config_lib
 
 def build_mesh(cfg: config_lib.Config):
   """Joins a multi-host run when configured; a ("data", "fsdp", "tensor") mesh when there is more than one device."""
+  from srpo_jax import plan
   if cfg.rollout.engine == "sglang":
     # Before JAX touches a GPU: leave room for the SGLang server on the same devices (JAX preallocates 75% otherwise).
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.55")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(plan.SGLANG_JAX_MEM_FRACTION))
   import jax
   from srpo_jax import distributed, sharding
   distributed.initialize(cfg.mesh.num_processes, cfg.mesh.coordinator, cfg.mesh.process_id)
@@ -20,8 +21,14 @@ def build_mesh(cfg: config_lib.Config):
 
 
 def run(cfg: config_lib.Config, mesh=None) -> dict:
-  """Trains one run; returns its summary (also run_dir/summary.json) and writes run_dir/curves.png."""
-  from srpo_jax import metrics, plot, trainer
+  """Trains one run; returns its summary (also run_dir/summary.json) and writes run_dir/curves.png.
+
+  On GPUs it first checks the analytic memory plan (`srpo_jax.plan.check_fits_analytic`: parameters, optimizer
+  state, teacher and the programs' activations against JAX's memory) and raises `plan.DoesNotFit` before anything
+  is allocated or compiled.
+  """
+  from srpo_jax import metrics, plan, plot, trainer
+  plan.check_fits_analytic(cfg, mesh)
   summary = trainer.Trainer(cfg, mesh=mesh).run()
   print(metrics.summary_table({cfg.run_dir: summary}))
   out = os.path.join(cfg.run_dir, "curves.png")

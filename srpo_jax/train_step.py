@@ -88,7 +88,14 @@ class DWStats(NamedTuple):
   dw_max: jax.Array
 
 
+class PrepareOut(NamedTuple):
+  """One `prepare` call's outputs (a chunk of the step's rollouts)."""
+  old_logp: jax.Array                  # [B, T] π_old
+  teacher_entropy: Optional[jax.Array]  # [C, T] teacher entropy of the chunk's teacher rows (methods with DW)
+
+
 class Prepared(NamedTuple):
+  """The step's π_old and DW weights, assembled from the prepare chunks (host arrays)."""
   old_logp: jax.Array         # [B, T] π_old
   dw: jax.Array               # [B, T] DW weights (ones off Ω, and for methods without DW)
   dw_stats: Optional[DWStats]  # None without teacher rows
@@ -122,22 +129,24 @@ def student_logp(model, ids, mask, start, resp_len: int, hp: LossHParams) -> tup
   return out.logp_X.reshape(b, resp_len), out.entropy_X.reshape(b, resp_len)
 
 
-def teacher_dw(teacher, t: TeacherRows, resp_BT, hp: LossHParams) -> tuple[jax.Array, DWStats]:
-  """DW weights [B, T] of a step from the EMA teacher's entropy on its SDPO rows, and their statistics.
-
-  Ω = the valid response tokens of the teacher rows; `losses.dw_weights` normalises over all of Ω at once (the
-  normaliser spans micro-batches), rows off Ω keep weight 1 (they carry no SDPO loss anyway).
-  """
-  b, resp_len = resp_BT.shape
+def teacher_entropy(teacher, t: TeacherRows, resp_len: int, hp: LossHParams) -> jax.Array:
+  """The EMA teacher's full-vocabulary entropy [C, T] at the response tokens of its (teacher-prompted) rows."""
   c = t.ids.shape[0]
   h = jax.lax.stop_gradient(response_hidden(teacher, t.ids, t.mask, t.start, resp_len)[0])
-  ent_CT = fh.head_entropy(_flat(h), jax.lax.stop_gradient(teacher.head_weight()), temperature=hp.temperature,
-                           tile_size=hp.tile_size).reshape(c, resp_len)
-  on_CT = resp_BT[t.row] & t.valid[:, None]
-  w_CT = losses.dw_weights(ent_CT, on_CT, hp.algo.dw_beta)
-  # Padding rows scatter out of bounds and are dropped, so they cannot overwrite row 0.
-  dest_C = jnp.where(t.valid, t.row, b)
-  dw_BT = jnp.ones((b, resp_len), jnp.float32).at[dest_C].set(jnp.where(on_CT, w_CT, 1.0), mode="drop")
+  return fh.head_entropy(_flat(h), jax.lax.stop_gradient(teacher.head_weight()), temperature=hp.temperature,
+                         tile_size=hp.tile_size).reshape(c, resp_len)
+
+
+def dw_for_rows(ent_CT, on_CT, dest_C, num_rows: int, beta: float) -> tuple[jax.Array, DWStats]:
+  """DW weights [num_rows, T] from the teacher entropies of all the step's SDPO rows, and their statistics.
+
+  Ω = `on_CT` (the valid response tokens of the teacher rows, gathered from every prepare chunk); `losses.dw_weights`
+  normalises over all of Ω at once (the normaliser spans micro-batches and chunks). Teacher row c holds rollout
+  `dest_C[c]`; padding rows carry dest = num_rows and are dropped, so they cannot overwrite a real row. Rows off Ω
+  keep weight 1 (they carry no SDPO loss anyway).
+  """
+  w_CT = losses.dw_weights(ent_CT, on_CT, beta)
+  dw_BT = jnp.ones((num_rows, ent_CT.shape[1]), jnp.float32).at[dest_C].set(jnp.where(on_CT, w_CT, 1.0), mode="drop")
   n = jnp.sum(on_CT)
   mean_on = lambda x: jnp.sum(jnp.where(on_CT, x, 0.0)) / jnp.maximum(n, 1)
   stats = DWStats(tokens=n, entropy_mean=mean_on(ent_CT), dw_min=jnp.min(jnp.where(on_CT, w_CT, jnp.inf)),
@@ -224,10 +233,11 @@ def make_optimizer(lr: float, *, warmup_steps: int = 10, weight_decay: float = 0
 
 
 class TrainFns(NamedTuple):
-  prepare: Any     # (params, teacher, ids, mask, start, resp, teacher_rows) -> Prepared
+  prepare: Any     # (params, teacher, ids, mask, start, resp, teacher_rows) -> PrepareOut (one chunk)
   update: Any      # (params, opt_state, teacher, stacked micro-batches, denominator) -> (params, opt_state, stats)
   ema: Any         # (teacher, params, rate) -> teacher
   accumulate: Any = None  # (params, teacher, grads, one micro-batch, denominator) -> (grads, loss, sums, maxes)
+  dw: Any = None          # (ent_CT, on_CT, dest_C, num_rows) -> (dw [num_rows, T], DWStats): the step's DW weights
   apply: Any = None       # (params, opt_state, grads, loss) -> (params, opt_state, grad_norm, finite)
 
 
@@ -290,14 +300,18 @@ def make_train_fns(graphdef, optimizer, hp: LossHParams, shardings: Optional[Tra
   accident, and the batch work is split over the devices like the batch.
   """
 
-  def prepare(params, teacher_params, ids, mask, start, resp, teacher_rows: Optional[TeacherRows]) -> Prepared:
-    """π_old log-probs [B, T] of every rollout and, given teacher rows (methods with DW), the DW weights."""
+  def prepare(params, teacher_params, ids, mask, start, resp, teacher_rows: Optional[TeacherRows]) -> PrepareOut:
+    """π_old log-probs [B, T] of a chunk of rollouts and, given teacher rows (methods with DW), their teacher
+    entropies [C, T] (normalised into DW weights over the whole step by `dw`)."""
     resp_len = resp.shape[1]
     logp, _ = student_logp(nnx.merge(graphdef, params), ids, mask, start, resp_len, hp)
     if teacher_rows is None:
-      return Prepared(old_logp=logp, dw=jnp.ones(resp.shape, jnp.float32), dw_stats=None)
-    dw, stats = teacher_dw(nnx.merge(graphdef, teacher_params), teacher_rows, resp, hp)
-    return Prepared(old_logp=logp, dw=dw, dw_stats=stats)
+      return PrepareOut(old_logp=logp, teacher_entropy=None)
+    return PrepareOut(old_logp=logp, teacher_entropy=teacher_entropy(nnx.merge(graphdef, teacher_params),
+                                                                      teacher_rows, resp_len, hp))
+
+  def dw(ent_CT, on_CT, dest_C, num_rows):
+    return dw_for_rows(ent_CT, on_CT, dest_C, num_rows, hp.algo.dw_beta)
 
   grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
 
@@ -344,13 +358,14 @@ def make_train_fns(graphdef, optimizer, hp: LossHParams, shardings: Optional[Tra
                     update=jax.jit(update, donate_argnums=(0, 1) if donate else ()),
                     ema=jax.jit(ema, donate_argnums=(0,) if donate else ()),
                     accumulate=jax.jit(accumulate, donate_argnums=(2,) if donate else ()),
-                    apply=jax.jit(apply, donate_argnums=(0, 1, 2) if donate else ()))
+                    apply=jax.jit(apply, donate_argnums=(0, 1, 2) if donate else ()),
+                    dw=jax.jit(dw, static_argnums=(3,)))
   sh = shardings
   rep = sh.replicated
 
   def prepare_shardings(params, teacher, ids, mask, start, resp, teacher_rows):
     in_sh = (sh.params, sh.params, *sh.rows((ids, mask, start, resp)), sh.rows(teacher_rows))
-    out_sh = Prepared(old_logp=sh.rows(resp), dw=sh.rows(resp), dw_stats=None if teacher_rows is None else rep)
+    out_sh = PrepareOut(old_logp=sh.rows(resp), teacher_entropy=None if teacher_rows is None else sh.rows(resp))
     return in_sh, out_sh
 
   def update_shardings(params, opt_state, teacher, micro_batches, denominator):
@@ -372,4 +387,5 @@ def make_train_fns(graphdef, optimizer, hp: LossHParams, shardings: Optional[Tra
                   accumulate=_JitPerStructure(accumulate, accumulate_shardings, mesh=sh.mesh,
                                               donate_argnums=(2,) if donate else ()),
                   apply=_JitPerStructure(apply, apply_shardings, donate_argnums=(0, 1, 2) if donate else (),
-                                        mesh=sh.mesh))
+                                        mesh=sh.mesh),
+                  dw=jax.jit(dw, static_argnums=(3,)))  # [C, T] scalars per token: small, on one device

@@ -169,8 +169,9 @@ def build_engine(cfg: Config, graphdef, params, tokenizer, mesh) -> RolloutEngin
   first = os.path.join(cfg.run_dir, "weights", "initial")
   if cfg.rollout.sglang_url is None:
     export_fn(params, first)
+  python = {"python": cfg.rollout.sglang_python} if cfg.rollout.sglang_python else {}
   return SGLangEngine(first, url=cfg.rollout.sglang_url, server_args=list(cfg.rollout.sglang_args),
-                      export_fn=export_fn, run_dir=cfg.run_dir)
+                      export_fn=export_fn, run_dir=cfg.run_dir, **python)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -300,15 +301,55 @@ def assemble(ro: Rollouts, prompt_ids: Sequence[Sequence[int]], pad: int) -> Ste
   return StepBatch(ids=seq.ids, mask=seq.mask, start=seq.start, resp=seq.resp, roll_logp=roll_logp)
 
 
+def row_groups(rows: np.ndarray, lengths: np.ndarray, cfg: Config, row_multiple: int) -> list[list[int]]:
+  """The micro-batches of `rows`: length-sorted groups under optim.micro_batch_tokens, else consecutive chunks of
+  optim.micro_batch_size rollouts (`prepare` and the updates share this rule)."""
+  if cfg.optim.micro_batch_tokens is not None:
+    return batching.token_budget_groups(rows, lengths, cfg.optim.micro_batch_tokens, row_multiple)
+  return [list(map(int, g)) for g in np.asarray(rows).reshape(-1, cfg.micro_batch_size)]
+
+
 def prepare(fns: TrainFns, state: TrainState, batch: StepBatch, sc: Scored, teacher_prompts: dict[int, list[int]],
-            responses: Sequence[np.ndarray], method: methods.Method, pad: int, row_multiple: int = 1) -> Prepared:
-  """π_old of every rollout with the current weights; DW weights from the EMA teacher when the method uses them."""
-  rows = np.flatnonzero(sc.sdpo)
-  t = None
-  if method.dynamic_weighting and len(rows):
-    t = batching.teacher_rows(rows, teacher_prompts, responses, batch.resp.shape[1], pad, row_multiple=row_multiple)
-  return jax.device_get(fns.prepare(state.params, state.teacher, batch.ids, batch.mask, batch.start, batch.resp,
-                                   t))
+            responses: Sequence[np.ndarray], method: methods.Method, pad: int, groups: Sequence[Sequence[int]],
+            cut: bool = False, row_multiple: int = 1) -> Prepared:
+  """π_old of every rollout with the current weights, one group of rows (a micro-batch: `row_groups`) at a time —
+  a whole step of 256 rollouts × 10k tokens is far more than one forward can hold — each group cut to its own
+  length bucket when `cut` (token budgets); DW weights from the EMA teacher's entropy on the SDPO-routed rollouts,
+  normalised over all of them at once (`fns.dw`) when the method uses them."""
+  num, resp_len = batch.resp.shape
+  use_dw = method.dynamic_weighting and bool(sc.sdpo.any())
+  zeros = np.zeros(batch.resp.shape, np.float32)
+  arrays = batching.StepArrays(ids=batch.ids, mask=batch.mask, start=batch.start, resp=batch.resp, old_logp=zeros,
+                               roll_logp=zeros, adv=np.zeros(num, np.float32), grpo=sc.grpo,
+                               sdpo=sc.sdpo if use_dw else np.zeros(num, bool), dw=zeros)
+  outs = []
+  for g in groups:
+    shape = {} if cut else dict(num_rows=len(g), seq_len=batch.ids.shape[1], resp_len=resp_len)
+    mb = batching.micro_batch(g, arrays, teacher_prompts, responses, pad, row_multiple=row_multiple, **shape)
+    t = None if mb.t_ids is None else batching.TeacherRows(ids=mb.t_ids, mask=mb.t_mask, start=mb.t_start,
+                                                           row=mb.t_row, valid=mb.t_valid)
+    outs.append((g, t, fns.prepare(state.params, state.teacher, mb.ids, mb.mask, mb.start, mb.resp, t)))
+  old_logp = np.zeros(batch.resp.shape, np.float32)
+  ent, on, dest = [], [], []
+  for g, t, out in jax.device_get(outs):  # one host sync for all chunks
+    old_logp[g, :out.old_logp.shape[1]] = out.old_logp[:len(g)]
+    if t is not None:
+      rows = np.asarray(g)[t.row]
+      e = np.zeros((len(rows), resp_len), np.float32)
+      e[:, :out.teacher_entropy.shape[1]] = out.teacher_entropy
+      ent.append(e)
+      on.append(batch.resp[rows] & t.valid[:, None])
+      dest.append(np.where(t.valid, rows, num))
+  if not ent:
+    return Prepared(old_logp=old_logp, dw=np.ones(batch.resp.shape, np.float32), dw_stats=None)
+  # Pad the teacher rows to a power of two (padding rows: off Ω, dropped) so `dw` compiles a few shapes only.
+  c = batching.pow2_bucket(sum(map(len, ent)), 1)
+  pad_c = c - sum(map(len, ent))
+  ent_CT = np.concatenate(ent + [np.zeros((pad_c, resp_len), np.float32)])
+  on_CT = np.concatenate(on + [np.zeros((pad_c, resp_len), bool)])
+  dest_C = np.concatenate(dest + [np.full(pad_c, num)]).astype(np.int32)
+  dw, stats = jax.device_get(fns.dw(ent_CT, on_CT, dest_C, num))
+  return Prepared(old_logp=old_logp, dw=dw, dw_stats=stats)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -340,7 +381,7 @@ def run_updates(fns: TrainFns, state: TrainState, batch: StepBatch, prep: Prepar
       params, opt_state, out = fns.update(params, opt_state, state.teacher, mbs, den)
       fed.append(mbs)
     else:
-      groups = batching.token_budget_groups(rows, batch.mask[rows].sum(axis=1), budget, row_multiple)
+      groups = row_groups(rows, batch.mask[rows].sum(axis=1), cfg, row_multiple)
       grads, loss, parts = jax.tree.map(jnp.zeros_like, params), jnp.float32(0.0), []
       for g in groups:
         mb = batching.micro_batch(g, arrays, teacher_prompts, responses, pad, row_multiple=row_multiple)
@@ -515,7 +556,9 @@ class Trainer:
     # The teacher prompts may re-route rollouts (no room for a solution): `sc` is the routing from here on.
     tp, sc = build_teacher_prompts(ro, sc, task.messages, self.tokenizer, cfg.algo.teacher_max_tokens, self.method)
     batch = assemble(ro, task.train.ids, self.pad)
-    prep = prepare(self.fns, st, batch, sc, tp.ids, ro.responses, self.method, self.pad, self.row_shards)
+    groups = row_groups(np.arange(len(ro.responses)), batch.mask.sum(axis=1), cfg, self.row_shards)
+    prep = prepare(self.fns, st, batch, sc, tp.ids, ro.responses, self.method, self.pad, groups,
+                   cut=cfg.optim.micro_batch_tokens is not None, row_multiple=self.row_shards)
     t3 = time.perf_counter()
     st.params, st.opt_state, stats, padding = run_updates(self.fns, st, batch, prep, sc, tp.ids, ro.responses, cfg,
                                                           self.pad, self.row_shards)

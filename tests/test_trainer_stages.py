@@ -173,7 +173,13 @@ def test_prepare_gives_pi_old_and_dw_weights_normalised_over_omega(method):
   t_prompts = {int(i): list(rng.integers(1, V, 6)) for i in np.flatnonzero(sdpo)}
   batch = T.assemble(ro, prompts, PAD)
   state = T.TrainState(params=params, opt_state=opt.init(params), teacher=teacher)
-  prep = T.prepare(fns, state, batch, sc, t_prompts, responses, methods.get(method), PAD)
+  # Two chunks of three rollouts: the DW normaliser must still span both.
+  prep = T.prepare(fns, state, batch, sc, t_prompts, responses, methods.get(method), PAD, groups=[[0, 1, 2], [3, 4, 5]])
+  # Ragged groups cut to their own shapes (token budgets) give the same π_old and DW weights.
+  cut = T.prepare(fns, state, batch, sc, t_prompts, responses, methods.get(method), PAD, groups=[[5, 0], [1, 2, 3, 4]],
+                  cut=True)
+  np.testing.assert_allclose(cut.old_logp, prep.old_logp, atol=1e-5)
+  np.testing.assert_allclose(cut.dw, prep.dw, rtol=1e-5)
 
   # π_old: the student's own log-probs of the sampled tokens (full-logits reference).
   model = nnx.merge(graphdef, params)

@@ -1,0 +1,908 @@
+"""Will the run fit? `python -m srpo_jax.plan --config=configs/qwen3_8b.py[:param] --target=h100x8 [--config.x=...]`
+
+For a target (`TARGETS`: h100x8, h200x8, h20x8, a100x8, h100x1, cpu) the planner builds the run's real jitted
+programs -- the train step's `update` (or `accumulate` + `apply` under a token budget), `prepare` (π_old and the DW
+teacher pass), `ema`, and the JAX sampler when `rollout.engine == "jax"` -- from ABSTRACT inputs (`nnx.eval_shape`
+model, `jax.ShapeDtypeStruct` batches: nothing is allocated) at the config's largest shapes, compiles them for the
+target without the hardware (`srpo_jax.aot`: deviceless AOT for NVIDIA targets, the local CPU for `cpu`), and prints
+per device: parameters, optimizer state, teacher, gradients, each program's inputs, temporaries and outputs, the total
+against the device memory times JAX's share of it, the collectives, the FLOPs and whether cuDNN flash attention is in
+the program. Exit status 0 when every program fits, 1 when one does not (the message names the largest term and a
+setting that would fit), 2 for a bad config or target.
+
+`--analytic` skips the compiler: the state terms are exact (shapes and shardings), the activations a formula
+(`analytic_activations`) calibrated against the compiled programs (BUILD_NOTES.md, "Planner"). `srpo_jax.run` calls
+`check_fits_analytic` on the real devices before anything is compiled.
+
+Largest shapes (`Shapes.from_config`): prompt P = bucket(data.max_prompt_tokens), response T =
+bucket(rollout.max_new_tokens), S = P + T; every rollout of a micro-batch SDPO-routed (C = its rows, bucketed) with a
+teacher prompt of bucket(algo.teacher_max_tokens) positions; `prepare` on one micro-batch (the trainer calls it per
+micro-batch, then normalises the DW weights over the step in a small `dw` program that is not planned).
+
+Letters (srpo_jax/models/qwen3.py): B rows, S positions, P prompt, T response, C teacher rows, D, F, L, N, K, H, V.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from typing import Any, Optional
+
+GiB = float(2**30)
+# `srpo_jax.run.build_mesh` gives JAX this share of each GPU when SGLang shares it (--mem-fraction-static 0.35);
+# JAX's own default preallocation is 75%.
+SGLANG_JAX_MEM_FRACTION = 0.55
+JAX_DEFAULT_MEM_FRACTION = 0.75
+TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets")
+EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_BAD_INPUT = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Targets
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Target:
+  name: str
+  spec: Optional[str]  # GpuTargetConfig text file in srpo_jax/targets/; None = this machine's CPU
+  num_devices: int  # 0 = the local CPU devices
+
+  @property
+  def is_gpu(self) -> bool:
+    return self.spec is not None
+
+  def config_text(self) -> str:
+    with open(os.path.join(TARGETS_DIR, self.spec)) as f:
+      return f.read()
+
+  def device_memory_bytes(self, num_devices: int = 1) -> int:
+    """Memory of one device: the spec's device_memory_size, or this machine's RAM shared by its CPU devices."""
+    if self.spec is None:
+      return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(num_devices, 1)
+    m = re.search(r"device_memory_size:\s*(\d+)", self.config_text())
+    return int(m.group(1))
+
+  def device_name(self) -> str:
+    if self.spec is None:
+      return "CPU"
+    m = re.search(r'device_description_str:\s*"([^"]*)"', self.config_text())
+    return m.group(1) if m else self.name
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in (
+    Target("h100x8", "h100_sxm.txtpb", 8), Target("h100x1", "h100_sxm.txtpb", 1),
+    Target("h200x8", "h200.txtpb", 8), Target("h20x8", "h20.txtpb", 8),
+    Target("a100x8", "a100_sxm_80.txtpb", 8), Target("cpu", None, 0),
+)}
+
+
+def jax_memory_fraction(cfg, target: Target) -> tuple[float, str]:
+  """JAX's share of each device's memory and where it comes from (the rest is SGLang's, or XLA's reserve)."""
+  if not target.is_gpu:
+    return 1.0, "CPU: no preallocation"
+  env = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+  if env:
+    return float(env), f"XLA_PYTHON_CLIENT_MEM_FRACTION={env} (environment)"
+  if cfg.rollout.engine == "sglang":
+    return SGLANG_JAX_MEM_FRACTION, (f"rollout.engine=sglang: srpo_jax.run sets XLA_PYTHON_CLIENT_MEM_FRACTION="
+                                     f"{SGLANG_JAX_MEM_FRACTION}")
+  return JAX_DEFAULT_MEM_FRACTION, "JAX's default preallocation (75%)"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The config to plan, and its largest shapes
+# ---------------------------------------------------------------------------------------------------------------------
+_MODEL_NAMES = {"qwen3-0.6b": "0.6b", "qwen3-1.7b": "1.7b", "qwen3-4b": "4b", "qwen3-8b": "8b", "qwen3-14b": "14b",
+                "qwen3-32b": "32b"}
+
+
+def planning_config(raw) -> Any:
+  """Validated `Config` for planning: a paper config's model.path placeholder ("<REQUIRED: /path/to/Qwen3-8B>") or a
+  path that is not there becomes the published shape of that model (`model.random_init`): the planner needs shapes,
+  not weights. Data files are not checked."""
+  from srpo_jax import config as config_lib
+  d = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw)
+  m = d.get("model", {})
+  path = m.get("path")
+  if path and not os.path.isfile(os.path.join(path, "config.json")):
+    key = next((v for k, v in _MODEL_NAMES.items() if k in path.lower()), None)
+    if key is None:
+      raise config_lib.ConfigError(f"model.path={path!r}: not an HF directory, and no Qwen3 size in its name to plan "
+                                   f"with; pass --config.model.random_init=8b (or a real checkpoint directory)")
+    d["model"] = {**m, "path": None, "random_init": key}
+  return config_lib.validate(d, check_files=False)
+
+
+def model_config(cfg, target: Target, layers: Optional[int] = None):
+  """The Qwen3Config the run builds (checkpoint config.json or preset), with the attention a GPU target uses."""
+  from srpo_jax.models import qwen3
+  m = cfg.model
+  kw = dict(m.qwen3_overrides)
+  if target.is_gpu and m.attention == "auto" and m.dtype in ("bfloat16", "float16"):
+    kw["attention"] = "cudnn"  # what "auto" picks on a GPU; a deviceless compile's host backend is the CPU
+  q = (qwen3.Qwen3Config.preset(m.random_init, **kw) if m.random_init else qwen3.Qwen3Config.from_dir(m.path, **kw))
+  if layers is not None:
+    q = dataclasses.replace(q, num_hidden_layers=layers)
+  return q
+
+
+def _pow2(n: int, minimum: int = 1, multiple_of: int = 1) -> int:
+  from srpo_jax.batching import pow2_bucket
+  return pow2_bucket(n, minimum, multiple_of)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """The largest arrays each program sees (rows are global: split over row_shards = mesh.data × mesh.fsdp)."""
+  row_shards: int
+  prompt: int          # P
+  resp: int            # T
+  seq: int             # S = P + T (training rows)
+  teacher_seq: int     # S_T = teacher prompt bucket + T; 0 when the method has no teacher
+  budget_mode: bool    # optim.micro_batch_tokens: accumulate + apply, one micro-batch per program call
+  micro_rows: int      # rows of one micro-batch
+  micro_batches: int   # M, scanned inside `update` (1 in budget mode)
+  teacher_rows: int    # C per micro-batch (every rollout SDPO-routed), 0 without a teacher
+  prep_rows: int       # rows of one `prepare` call (the trainer calls it per micro-batch: `trainer.row_groups`)
+  prep_teacher_rows: int  # DW teacher rows of that call (0 unless the method has dynamic weighting)
+  sampler_rows: int    # JAX sampler batch (0: rollout.engine != "jax")
+  sampler_prompt: int
+  sampler_new: int
+
+  @property
+  def tokens_per_device(self) -> int:
+    """The update's student tokens per device (the token budget the paper configs set)."""
+    return self.micro_rows // self.row_shards * self.seq
+
+  @classmethod
+  def from_config(cls, cfg, row_shards: int) -> "Shapes":
+    from srpo_jax import batching
+    method = cfg.method
+    p = _pow2(cfg.data.max_prompt_tokens, 16)
+    t = _pow2(cfg.rollout.max_new_tokens, 8)
+    s = p + t
+    st = _pow2(cfg.algo.teacher_max_tokens, 16) + t if method.uses_teacher else 0
+    budget = cfg.optim.micro_batch_tokens
+    if budget is None:
+      rows, m = cfg.micro_batch_size, cfg.micro_batches_per_mini_batch
+      s_mb = s
+    else:  # the most rows of the longest length that the budget admits (batching.token_budget_groups' cost)
+      s_mb = batching.seq_bucket(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
+      rows = row_shards
+      n = 1
+      while n <= cfg.rollouts_per_mini_batch and batching.padded_rows(n, row_shards) // row_shards * s_mb <= budget:
+        rows = batching.padded_rows(n, row_shards)
+        n += 1
+      m = 1
+    c = _pow2(rows, 1, row_shards) if method.uses_teacher else 0
+    step_rows = cfg.rollout.rollouts_per_step
+    prep_c = c if method.dynamic_weighting else 0  # prepare's groups are the update's micro-batches
+    sr = sp = sn = 0
+    if cfg.rollout.engine == "jax":
+      from srpo_jax.rollout import jax_engine as je
+      sr = je.smallest_bucket(min(step_rows, je.DEFAULT_BATCH_BUCKETS[-1]), je.DEFAULT_BATCH_BUCKETS, row_shards)
+      sp = je.smallest_bucket(cfg.data.max_prompt_tokens, cfg.rollout.length_buckets or je.DEFAULT_PROMPT_BUCKETS)
+      sn = max(cfg.rollout.max_new_tokens, cfg.eval_max_new_tokens)
+    return cls(row_shards=row_shards, prompt=p, resp=t, seq=s_mb, teacher_seq=st, budget_mode=budget is not None,
+               micro_rows=rows, micro_batches=m, teacher_rows=c, prep_rows=rows, prep_teacher_rows=prep_c,
+               sampler_rows=sr, sampler_prompt=sp, sampler_new=sn)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# State: exact bytes per device from shapes and shardings
+# ---------------------------------------------------------------------------------------------------------------------
+def _abstract_mesh(axis_sizes: dict[str, int]):
+  from jax.sharding import AbstractMesh
+  from srpo_jax.sharding import MESH_AXES
+  return AbstractMesh(tuple(axis_sizes[a] for a in MESH_AXES), MESH_AXES)
+
+
+def tree_bytes_per_device(tree, shardings) -> int:
+  """Bytes one device holds of `tree` (abstract or concrete arrays) placed with `shardings` (a tree prefix)."""
+  import jax
+  import numpy as np
+  total = [0]
+
+  def add(sh, sub):
+    for x in jax.tree.leaves(sub):
+      shape = sh.shard_shape(tuple(x.shape)) if sh is not None else tuple(x.shape)
+      total[0] += int(np.prod(shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
+
+  jax.tree.map(add, shardings, tree, is_leaf=lambda x: x is None)
+  return total[0]
+
+
+@dataclasses.dataclass
+class Model:
+  """The abstract model, optimizer and their shardings on a mesh (abstract or concrete)."""
+  qcfg: Any
+  graphdef: Any
+  params: Any
+  opt_state: Any
+  optimizer: Any
+  shardings: Any  # train_step.TrainShardings
+
+  @classmethod
+  def build(cls, cfg, qcfg, mesh) -> "Model":
+    import jax
+    from flax import nnx
+    from srpo_jax.models.qwen3 import Qwen3
+    from srpo_jax.train_step import TrainShardings, make_optimizer
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Qwen3(qcfg, rngs=nnx.Rngs(0))))
+    o = cfg.optim
+    optimizer, _ = make_optimizer(cfg.lr, warmup_steps=o.warmup_steps, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
+                                  eps=o.eps, grad_clip=o.grad_clip)  # as trainer.Trainer
+    return cls(qcfg=qcfg, graphdef=graphdef, params=params, opt_state=jax.eval_shape(optimizer.init, params),
+               optimizer=optimizer, shardings=TrainShardings.build(mesh, params, optimizer))
+
+  def state_bytes(self) -> dict[str, int]:
+    p = tree_bytes_per_device(self.params, self.shardings.params)
+    return {"parameters": p, "optimizer state": tree_bytes_per_device(self.opt_state, self.shardings.opt_state),
+            "teacher": p,  # the trainer keeps θ_T (a copy of the parameters) for every method
+            "gradients": p}  # fp32 accumulators like the parameters (update: inside its temporaries)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Analytic activations and FLOPs (per device)
+# ---------------------------------------------------------------------------------------------------------------------
+def _dims(q):
+  return dict(D=q.hidden_size, F=q.intermediate_size, L=q.num_hidden_layers, N=q.num_attention_heads,
+              K=q.num_key_value_heads, H=q.head_dim, V=q.vocab_size)
+
+
+def _itemsize(name: str) -> int:
+  return {"float32": 4, "bfloat16": 2, "float16": 2}[name]
+
+
+def layer_param_count(q) -> int:
+  d = _dims(q)
+  return d["D"] * (d["N"] + 2 * d["K"]) * d["H"] + d["N"] * d["H"] * d["D"] + 3 * d["D"] * d["F"]
+
+
+def analytic_activations(q, shapes: Shapes, fsdp: int, tensor: int) -> dict[str, int]:
+  """Estimated temporaries per device of each program (bytes); `update`'s include its gradient accumulators.
+
+  Per training row of S positions: remat keeps every layer's input (L·S·D in the compute dtype); the backward
+  recomputes one layer at a time (`bwd_ws`: the residual and its gradient, q/k/v, the MLP's three [S, F]); the
+  teacher's forward holds one layer at a time (`fwd_ws`: residual, attention/MLP input, two [S, F]). Fixed: two
+  layers' weights gathered by FSDP (fp32 + compute-dtype copy), the head weight in the compute dtype, a few
+  [tile, V] fp32 tiles. `prepare` is a forward: the larger of its student and teacher passes, plus their hidden
+  states at the response positions. Calibrated on the compiled Qwen3-8B update (1 and 2 rows per device: 9.5 / 15.0
+  GiB against XLA's 9.2 / 14.3, gradients aside) and prepare (54.3 against 54.0); BUILD_NOTES.md, "Planner".
+  """
+  d = _dims(q)
+  D, F, L, N, K, H, V = (d[k] for k in "DFLNKHV")
+  act = _itemsize(q.dtype)
+  pb = _itemsize(q.param_dtype)
+  rs = shapes.row_shards
+  tp = max(tensor, 1)
+  b = shapes.micro_rows // rs
+  c = shapes.teacher_rows // rs
+  lp = layer_param_count(q)
+  gathered = 2 * lp * (pb + act) / tp
+  head = V * D * act / tp
+  tile = 4 * 256 * V * 4 / tp
+  params = (L * lp + (1 if q.tie_word_embeddings else 2) * V * D) * pb / (fsdp * tp)
+
+  def fwd_ws(tokens):
+    return tokens * (2 * D + 2 * F / tp) * act
+
+  def bwd_ws(tokens):
+    return tokens * (4 * D + 3 * F / tp + 2 * (N + 2 * K) * H / tp) * act
+
+  out: dict[str, int] = {}
+  s, t, st = shapes.seq, shapes.resp, shapes.teacher_seq
+  saved = L * b * s * D * act if q.remat else L * bwd_ws(b * s)
+  train = saved + bwd_ws(b * s) + (fwd_ws(c * st) if c else 0) + 2 * (b + c) * t * D * act + gathered + head + tile
+  if shapes.budget_mode:
+    out["accumulate"] = int(train)  # the gradients are an input (donated), not a temporary
+    out["apply"] = int(3 * params)  # AdamW's elementwise temporaries
+  else:
+    out["update"] = int(train + params)  # + the gradient accumulators of the scan, as in XLA's temporaries
+  pr, pc = shapes.prep_rows // rs, shapes.prep_teacher_rows // rs
+  hidden = (pr + pc) * t * D * act
+  out["prepare"] = int(max(fwd_ws(pr * s), fwd_ws(pc * st) if pc else 0) + hidden + gathered / 2 + head + tile)
+  out["ema"] = int(params)  # written in place of the donated teacher on GPUs; one fp32 copy otherwise
+  if shapes.sampler_rows:
+    br = shapes.sampler_rows // rs
+    cache = 2 * L * br * (shapes.sampler_prompt + shapes.sampler_new) * K * H * act
+    out["sampler"] = int(cache + fwd_ws(br * shapes.sampler_prompt) + br * V * 4 * 3 + gathered / 2 + head)
+  return out
+
+
+def analytic_flops(q, shapes: Shapes, num_devices: int) -> dict[str, float]:
+  """Matmul FLOPs per device of each program (dense matmuls 2·m·n·k; causal attention half of 4·S²·N·H per row)."""
+  d = _dims(q)
+  D, L, N, H, V = d["D"], d["L"], d["N"], d["H"], d["V"]
+  per_token = 2 * layer_param_count(q)
+
+  def layers(rows, seq):
+    return L * rows * (seq * per_token + 2 * N * H * seq * seq)
+
+  def attn(rows, seq):
+    return L * rows * 2 * N * H * seq * seq
+
+  head = lambda tokens: 2 * D * V * tokens
+  s, t, b, c = shapes.seq, shapes.resp, shapes.micro_rows, shapes.teacher_rows
+  remat = 1 if q.remat else 0
+  # Student: forward, the remat forward, backward (2x the matmuls; flash attention's backward 2.5x the forward).
+  student = (3 + remat) * (layers(b, s) - attn(b, s)) + (2 + remat + 0.5) * attn(b, s)
+  teacher = layers(c, shapes.teacher_seq) if c else 0
+  heads = 4 * head(b * t) + (6 * head(c * t) if c else 0)  # k=1 pass: fwd, recompute, dh, dW; SDPO: + teacher
+  train = shapes.micro_batches * (student + teacher + heads)
+  out = {("accumulate" if shapes.budget_mode else "update"): train / num_devices}
+  pr, pc = shapes.prep_rows, shapes.prep_teacher_rows
+  out["prepare"] = (layers(pr, s) + head(pr * t) + (layers(pc, shapes.teacher_seq) + head(pc * t) if pc else 0)
+                    ) / num_devices
+  if shapes.sampler_rows:
+    br, sp, sn = shapes.sampler_rows, shapes.sampler_prompt, shapes.sampler_new
+    decode = sn * (L * br * (per_token + 4 * N * H * (sp + sn)) + head(br))
+    out["sampler"] = (layers(br, sp) + head(br) + decode) / num_devices
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Abstract program inputs
+# ---------------------------------------------------------------------------------------------------------------------
+def _sds(shape, dtype):
+  import jax
+  return jax.ShapeDtypeStruct(tuple(shape), dtype)
+
+
+def abstract_micro_batch(lead: tuple[int, ...], b: int, s: int, t: int, c: int, st: int):
+  """A `batching.MicroBatch` of ShapeDtypeStructs ([*lead, B, ...]; teacher fields None when c == 0)."""
+  import jax.numpy as jnp
+  from srpo_jax.batching import MicroBatch
+  i32, f32, bl = jnp.int32, jnp.float32, jnp.bool_
+  x = lambda *shape, dt: _sds(lead + shape, dt)
+  teacher = {}
+  if c:
+    teacher = dict(t_ids=x(c, st, dt=i32), t_mask=x(c, st, dt=bl), t_start=x(c, dt=i32), t_row=x(c, dt=i32),
+                   t_valid=x(c, dt=bl))
+  return MicroBatch(ids=x(b, s, dt=i32), mask=x(b, s, dt=bl), start=x(b, dt=i32), resp=x(b, t, dt=bl),
+                    old_logp=x(b, t, dt=f32), roll_logp=x(b, t, dt=f32), adv=x(b, dt=f32), grpo=x(b, dt=bl),
+                    sdpo=x(b, dt=bl), dw=x(b, t, dt=f32), **teacher)
+
+
+@dataclasses.dataclass
+class Program:
+  """A program to compile: how to lower it, and which of its arguments are the resident state."""
+  name: str
+  lower: Any  # () -> jax.stages.Lowered
+  state_args: tuple[str, ...]  # state terms passed in (counted once in the total, not again as inputs)
+
+
+def build_programs(cfg, model: Model, shapes: Shapes, mesh, donate: bool) -> list[Program]:
+  import jax.numpy as jnp
+  from srpo_jax import aot
+  from srpo_jax.batching import TeacherRows
+  from srpo_jax.train_step import LossHParams, make_train_fns
+  fns = make_train_fns(model.graphdef, model.optimizer, LossHParams.from_config(cfg), model.shardings)
+  p, o = model.params, model.opt_state
+  f32 = jnp.float32
+  s, t, st = shapes.seq, shapes.resp, shapes.teacher_seq
+  don = lambda *idx: idx if donate else None
+  progs = []
+  if shapes.budget_mode:
+    mb = abstract_micro_batch((), shapes.micro_rows, s, t, shapes.teacher_rows, st)
+    args = (p, p, p, mb, _sds((), f32))
+    progs.append(Program("accumulate", lambda: aot.lower_jitted(fns.accumulate, args, don(2)),
+                         ("parameters", "teacher", "gradients")))
+    a_args = (p, o, p, _sds((), f32))
+    progs.append(Program("apply", lambda: aot.lower_jitted(fns.apply, a_args, don(0, 1, 2)),
+                         ("parameters", "optimizer state", "gradients")))
+  else:
+    mbs = abstract_micro_batch((shapes.micro_batches,), shapes.micro_rows, s, t, shapes.teacher_rows, st)
+    args = (p, o, p, mbs, _sds((), f32))
+    progs.append(Program("update", lambda: aot.lower_jitted(fns.update, args, don(0, 1)),
+                         ("parameters", "optimizer state", "teacher")))
+  pr, pc = shapes.prep_rows, shapes.prep_teacher_rows
+  i32, bl = jnp.int32, jnp.bool_
+  tr = None
+  if pc:
+    tr = TeacherRows(ids=_sds((pc, st), i32), mask=_sds((pc, st), bl), start=_sds((pc,), i32),
+                     row=_sds((pc,), i32), valid=_sds((pc,), bl))
+  p_args = (p, p, _sds((pr, s), i32), _sds((pr, s), bl), _sds((pr,), i32), _sds((pr, t), bl), tr)
+  progs.append(Program("prepare", lambda: aot.lower_jitted(fns.prepare, p_args), ("parameters", "teacher")))
+  e_args = (p, p, _sds((), f32))
+  progs.append(Program("ema", lambda: aot.lower_jitted(fns.ema, e_args, don(0)), ("parameters", "teacher")))
+  if shapes.sampler_rows:
+    progs.append(Program("sampler", lambda: _lower_sampler(cfg, model, shapes, mesh), ("parameters",)))
+  return progs
+
+
+def _lower_sampler(cfg, model: Model, shapes: Shapes, mesh):
+  """The JAX engine's program (prefill + decode loop) for the step's rollouts, as `JaxEngine._program` builds it."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from srpo_jax.rollout import jax_engine as je
+  from srpo_jax.rollout import sampling as sampling_lib
+  engine = je.JaxEngine((model.graphdef, model.params), mesh=mesh)
+  r = cfg.rollout
+  strategy = sampling_lib.Strategy.from_params(r.temperature, r.top_k, r.top_p, model.qcfg.vocab_size)
+  program = engine._program(je._ProgramKey(shapes.sampler_rows, shapes.sampler_prompt, shapes.sampler_new, strategy))
+  b, pl = shapes.sampler_rows, shapes.sampler_prompt
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  sds = lambda shape, dt, sh=None: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
+  params = jax.tree.map(lambda sh, v: jax.tree.map(lambda x: sds(x.shape, x.dtype, sh), v), model.shardings.params,
+                        model.params)  # the engine's arguments carry their placement (no in_shardings)
+  inputs = je.StepInputs(temperature=sds((), jnp.float32), top_p=sds((), jnp.float32),
+                         is_stop_V=sds((model.qcfg.vocab_size,), jnp.bool_), pad_id=sds((), jnp.int32))
+  return program.lower(params, sds((b, pl), jnp.int32, rows), sds((b, pl), jnp.bool_, rows), sds((b,), jnp.int32, rows),
+                       sds((b,), jnp.bool_, rows), sds((), jnp.uint32), inputs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ProgramPlan:
+  name: str
+  inputs: int        # non-state inputs (batches) per device
+  temporaries: int
+  outputs: int       # outputs not written in place of donated inputs
+  total: int         # resident state + inputs + temporaries + outputs
+  flops: float       # per device: HLO-counted when compiled, else analytic
+  analytic_flops: float
+  collectives: dict[str, int] = dataclasses.field(default_factory=dict)
+  cudnn_attention: Optional[bool] = None
+  compile_s: Optional[float] = None
+  argument_bytes: Optional[int] = None  # memory_analysis (cross-check of the state + inputs)
+  what_if: bool = False  # not a program the trainer runs today (--prepare_rows): reported, not in the verdict
+
+
+@dataclasses.dataclass
+class Plan:
+  config: str
+  target: str
+  device: str
+  num_devices: int
+  mesh: dict[str, int]
+  model: dict[str, Any]
+  shapes: dict[str, Any]
+  device_memory: int
+  fraction: float
+  fraction_source: str
+  state: dict[str, int]
+  programs: list[ProgramPlan]
+  mode: str  # "compiled", "compiled (L layers, extrapolated linearly)", "analytic", "state only"
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def budget(self) -> int:
+    return int(self.device_memory * self.fraction)
+
+  @property
+  def resident(self) -> int:
+    s = self.state
+    budget_mode = any(p.name == "accumulate" for p in self.programs)
+    return s["parameters"] + s["optimizer state"] + s["teacher"] + (s["gradients"] if budget_mode else 0)
+
+  @property
+  def peak(self) -> ProgramPlan:
+    real = [p for p in self.programs if not p.what_if]
+    return max(real, key=lambda p: p.total) if real else None
+
+  @property
+  def total(self) -> int:
+    return self.peak.total if self.peak is not None else self.resident
+
+  @property
+  def fits(self) -> bool:
+    return self.total <= self.budget
+
+  def to_json(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d.update(budget=self.budget, resident=self.resident, total=self.total, fits=self.fits)
+    return d
+
+
+def make_plan(cfg, target: Target, *, config_name: str = "", analytic: bool = False,
+              layers: Optional[tuple[int, ...]] = None, prepare_rows: Optional[int] = None, log=None) -> Plan:
+  """Builds (and unless `analytic`, compiles) the run's programs for `target`; see the module docstring.
+
+  layers: None = the model's depth; (a, b) = compile with a and b layers and extrapolate every per-layer term
+  linearly to the full depth (inputs and the state are exact either way).
+  prepare_rows: also plan `prepare` called on this many rollouts at a time (a what-if; the trainer calls it on one
+  micro-batch at a time). Reported as "prepare/N", not part of the verdict.
+  """
+  log = log or (lambda *_: None)
+  from srpo_jax import aot
+  if target.is_gpu:
+    aot.ensure_cuda_env()  # before jax creates its backends
+  import jax
+  num_devices = target.num_devices if target.is_gpu else len(jax.devices("cpu"))
+  sizes = cfg.mesh.axis_sizes(num_devices)
+  row_shards = sizes["data"] * sizes["fsdp"]
+  shapes = Shapes.from_config(cfg, row_shards)
+  q_full = model_config(cfg, target)
+  fraction, source = jax_memory_fraction(cfg, target)
+  plan = Plan(config=config_name, target=target.name, device=target.device_name(), num_devices=num_devices,
+              mesh=sizes, model=dict(dataclasses.asdict(q_full)), shapes=dataclasses.asdict(shapes),
+              device_memory=target.device_memory_bytes(num_devices), fraction=fraction, fraction_source=source,
+              state={}, programs=[], mode="analytic" if analytic else "compiled")
+  abstract = _abstract_mesh(sizes)
+  full = Model.build(cfg, q_full, abstract)
+  plan.state = full.state_bytes()
+  act = analytic_activations(q_full, shapes, sizes["fsdp"], sizes["tensor"])
+  fl = analytic_flops(q_full, shapes, num_devices)
+  for msg in _shape_notes(cfg, shapes):
+    plan.notes.append(msg)
+  if plan.resident > plan.budget:
+    plan.mode = "state only"
+    plan.notes.append("not compiled: the resident state alone exceeds JAX's share (exact from shapes and shardings)")
+    return plan
+  if analytic:
+    for name, temp in act.items():
+      inputs = _input_bytes(name, shapes, q_full)
+      out = _output_bytes(name, plan.state, shapes)
+      plan.programs.append(ProgramPlan(name=name, inputs=inputs, temporaries=temp, outputs=out,
+                                       total=plan.resident + inputs + temp + out,
+                                       flops=fl.get(name, 0.0), analytic_flops=fl.get(name, 0.0)))
+    return plan
+  # Compiled: the real programs on the target's devices.
+  if target.is_gpu and not aot.cuda_plugin_available():
+    raise RuntimeError(f"target {target.name}: the deviceless GPU compile needs the CUDA plugin of jax: run "
+                       f"`make aot-env` and use .venv-aot/bin/python (or pip install -e '.[gpu]'); --analytic needs "
+                       f"no compiler")
+  if target.is_gpu:
+    mesh = aot.make_mesh(aot.topology_devices(target.config_text(), num_devices), sizes)
+  else:
+    from srpo_jax import sharding
+    mesh = sharding.make_mesh(**sizes, devices=jax.devices("cpu"))
+  depths = tuple(layers) if layers else (q_full.num_hidden_layers,)
+  donate = target.is_gpu
+  results: dict[int, dict[str, Any]] = {}
+  for depth in depths:
+    q = model_config(cfg, target, layers=depth)
+    model = Model.build(cfg, q, mesh)
+    state_d = model.state_bytes()
+    results[depth] = {}
+    progs = build_programs(cfg, model, shapes, mesh, donate)
+    if prepare_rows:
+      alt = _prepare_what_if(cfg, shapes, prepare_rows)
+      prog = next(p for p in build_programs(cfg, model, alt, mesh, donate) if p.name == "prepare")
+      progs.append(dataclasses.replace(prog, name=f"prepare/{prepare_rows}"))
+    for prog in progs:
+      t0 = time.perf_counter()
+      lowered = prog.lower()
+      compiled, summ = aot.compile_lowered(prog.name, lowered)
+      summ.compile_s = time.perf_counter() - t0
+      hf = aot.hlo_flops(compiled.as_text())
+      state_in = sum(state_d[k] for k in prog.state_args)
+      results[depth][prog.name] = dict(summ=summ, flops=hf.total, state_in=state_in, loops=hf.unknown_trip_counts)
+      log(f"  {prog.name} ({depth} layers): compiled in {summ.compile_s:.0f} s, temporaries "
+          f"{summ.temp_bytes / GiB:.2f} GiB, peak {summ.peak_bytes / GiB:.2f} GiB")
+      del compiled, lowered
+  full_depth = q_full.num_hidden_layers
+  if len(depths) > 1:
+    plan.mode = (f"compiled with {depths[0]} and {depths[1]} layers, per-layer terms extrapolated linearly to "
+                 f"{full_depth}")
+  for name in results[depths[0]]:
+    def term(key, depth, name=name):
+      r = results[depth][name]
+      sm = r["summ"]
+      return {"inputs": sm.argument_bytes - r["state_in"], "temp": sm.temp_bytes,
+              "out": sm.output_bytes - sm.alias_bytes, "flops": r["flops"], "args": sm.argument_bytes}[key]
+
+    def value(key):
+      if len(depths) == 1:
+        return term(key, depths[0])
+      a, b = depths
+      return term(key, a) + (term(key, b) - term(key, a)) / (b - a) * (full_depth - a)
+
+    last = results[depths[-1]][name]["summ"]
+    inputs, temp, out = max(int(value("inputs")), 0), int(value("temp")), max(int(value("out")), 0)
+    what_if = name.startswith("prepare/")
+    loops = results[depths[-1]][name]["loops"]  # while loops with a data-dependent exit: HLO counts them once
+    a_fl = (analytic_flops(q_full, _prepare_what_if(cfg, shapes, prepare_rows), num_devices)["prepare"] if what_if
+            else fl.get(name, 0.0))
+    plan.programs.append(ProgramPlan(
+        name=name, inputs=inputs, temporaries=temp, outputs=out, total=plan.resident + inputs + temp + out,
+        flops=a_fl if loops else float(value("flops")), analytic_flops=a_fl, collectives=last.collectives,
+        cudnn_attention=last.cudnn_attention, compile_s=sum(results[d][name]["summ"].compile_s for d in depths),
+        argument_bytes=int(value("args")), what_if=what_if))
+    if loops:
+      plan.notes.append(f"{name}: FLOPs analytic (its {loops} while loop(s) have a data-dependent exit, which the HLO "
+                        f"count takes once)")
+  if prepare_rows:
+    plan.notes.append(f"prepare/{prepare_rows}: what-if, prepare called on {prepare_rows} rollouts at a time (the "
+                      f"trainer calls it on {shapes.prep_rows}, a micro-batch); not in the verdict")
+  return plan
+
+
+def _prepare_what_if(cfg, shapes: Shapes, rows: int) -> Shapes:
+  c = _pow2(rows, 1, shapes.row_shards) if shapes.prep_teacher_rows else 0
+  return dataclasses.replace(shapes, prep_rows=rows, prep_teacher_rows=c)
+
+
+def _input_bytes(name: str, shapes: Shapes, q) -> int:
+  """Per-device bytes of a program's batch inputs (analytic path)."""
+  rs = shapes.row_shards
+  s, t, st = shapes.seq, shapes.resp, shapes.teacher_seq
+  row = lambda seq, resp: seq * 5 + resp * 13 + 11  # ids i32 + mask; resp mask, old/roll logp, dw; start, adv, flags
+  if name in ("update", "accumulate"):
+    m = shapes.micro_batches
+    return int(m * (shapes.micro_rows * row(s, t) + shapes.teacher_rows * (st * 5 + 10)) / rs)
+  if name == "prepare":
+    return int((shapes.prep_rows * (s * 5 + t + 4) + shapes.prep_teacher_rows * (st * 5 + 10)) / rs)
+  if name == "sampler":
+    return int(shapes.sampler_rows * (shapes.sampler_prompt * 5 + 9) / rs + q.vocab_size)
+  return 0
+
+
+def _output_bytes(name: str, state: dict[str, int], shapes: Shapes) -> int:
+  """Per-device outputs not written in place of a donated input (analytic path, GPU donation as the trainer)."""
+  rs = shapes.row_shards
+  if name == "prepare":
+    return int(shapes.prep_rows * shapes.resp * 8 / rs)
+  if name == "sampler":
+    return int(shapes.sampler_rows * shapes.sampler_new * 8 / rs)
+  return 0
+
+
+def _shape_notes(cfg, shapes: Shapes) -> list[str]:
+  notes = []
+  if shapes.teacher_rows and shapes.budget_mode:
+    notes.append("token budget: the teacher rows of a micro-batch are planned at its rows × the longest teacher row; "
+                 "a micro-batch of many short rollouts has more (unbudgeted) teacher rows")
+  return notes
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What to change when it does not fit
+# ---------------------------------------------------------------------------------------------------------------------
+def largest_term(plan: Plan) -> tuple[str, int]:
+  """The biggest single term of the peak: a resident state term, or the peak program's inputs / temporaries /
+  outputs (the gradients count as state only where they are resident: between `accumulate` calls)."""
+  budget_mode = any(p.name == "accumulate" for p in plan.programs)
+  terms = {k: v for k, v in plan.state.items() if k != "gradients" or budget_mode}
+  p = plan.peak
+  if p is not None:
+    terms[f"{p.name} temporaries"] = p.temporaries
+    terms[f"{p.name} inputs"] = p.inputs
+    terms[f"{p.name} outputs"] = p.outputs
+  return max(terms.items(), key=lambda kv: kv[1])
+
+
+def suggestion(cfg, plan: Plan) -> str:
+  """A setting that would fit (exact for the state; an estimate scaled from the plan for activations)."""
+  budget = plan.budget
+  state_per_fsdp = plan.resident * plan.mesh["fsdp"]  # the state scales as 1/fsdp
+  if plan.resident > budget or (plan.programs and plan.resident > 0.8 * budget):
+    for fsdp in (2, 4, 8, 16, 32, 64):
+      if state_per_fsdp / fsdp <= 0.6 * budget:
+        need = fsdp * plan.mesh["tensor"]
+        where = (f"--config.mesh.fsdp={fsdp} --config.mesh.data=-1" if need <= plan.num_devices else
+                 f"{fsdp} devices (e.g. --target=h100x8 --config.mesh.fsdp={fsdp})" if fsdp <= 8 else
+                 f"mesh.fsdp={fsdp} over {need} devices (more than one 8-GPU node)")
+        return (f"shard the parameters, optimizer state and teacher over more devices: {where} "
+                f"(state {state_per_fsdp / fsdp / GiB:.1f} GiB per device)")
+  p = plan.peak
+  if p is None:
+    return "no setting found"
+  if p.name in ("update", "accumulate", "prepare"):
+    fit = _fitting_micro_batch(cfg, plan, p)
+    if fit is not None:
+      rows, tokens, total = fit
+      return (f"--config.optim.micro_batch_size={rows} (or --config.optim.micro_batch_tokens={tokens}): "
+              f"{rows // plan.shapes['row_shards']} rollout(s) per device, {p.name} about {total / GiB:.1f} GiB "
+              f"(this plan's temporaries scaled by the analytic model)")
+    return ("one rollout per device does not fit: --config.model.remat=True, a larger mesh.fsdp or tensor, or a "
+            "shorter rollout.max_new_tokens")
+  if p.name == "sampler":
+    return "the JAX sampler's KV cache: --config.rollout.engine=sglang, or fewer rollout.prompts_per_step"
+  return f"reduce {p.name}'s shapes"
+
+
+def _fitting_micro_batch(cfg, plan: Plan, p: ProgramPlan) -> Optional[tuple[int, int, int]]:
+  """The largest micro-batch (rows, a multiple of the row shards dividing the mini-batch) with which program `p`
+  (update, accumulate or prepare: they share the micro-batches) fits, its token budget per device and estimated
+  total: the plan's temporaries scaled by `analytic_activations`' ratio."""
+  key = "prepare" if p.name == "prepare" else "update"
+  rs = plan.shapes["row_shards"]
+  q = model_config(cfg, TARGETS.get(plan.target, TARGETS["h100x1"]))
+  per_mb = cfg.rollouts_per_mini_batch
+
+  def temps(rows):
+    c = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, micro_batch_size=rows, micro_batch_tokens=None))
+    return analytic_activations(q, Shapes.from_config(c, rs), plan.mesh["fsdp"], plan.mesh["tensor"])[key]
+
+  now = temps(plan.shapes["micro_rows"])
+  best = None
+  for rows in range(rs, per_mb + 1, rs):
+    if per_mb % rows:
+      continue
+    total = plan.resident + p.inputs + p.outputs + int(p.temporaries * temps(rows) / now)
+    if total <= plan.budget:
+      best = (rows, rows // rs * plan.shapes["seq"], total)
+  return best
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------------
+def _g(x: Optional[float]) -> str:
+  return "-" if x is None else f"{x / GiB:.2f}"
+
+
+def format_plan(plan: Plan) -> str:
+  q, s = plan.model, plan.shapes
+  lines = [f"srpo_jax.plan: {plan.config} on {plan.target} ({plan.num_devices} × {plan.device}; "
+           + ("deviceless compile, no GPU ran" if TARGETS[plan.target].is_gpu else "this machine's CPU") + ")"]
+  lines.append(f"model: D={q['hidden_size']} L={q['num_hidden_layers']} N={q['num_attention_heads']} "
+               f"K={q['num_key_value_heads']} F={q['intermediate_size']} V={q['vocab_size']}, {q['dtype']} compute, "
+               f"{q['param_dtype']} params, remat={q['remat']}, attention={q['attention']}; mesh "
+               + " ".join(f"{k}={v}" for k, v in plan.mesh.items()))
+  train = ("accumulate/apply, one micro-batch per call" if s["budget_mode"] else
+           f"update: scan over {s['micro_batches']} micro-batches")
+  per_dev = s["micro_rows"] // s["row_shards"]
+  text = (f"shapes: S = {s['prompt']} + {s['resp']} = {s['seq']} positions; {train} of {s['micro_rows']} rollouts "
+          f"({per_dev} per device = {per_dev * s['seq']:,} tokens per device)")
+  if s["teacher_rows"]:
+    text += f", {s['teacher_rows']} teacher rows × {s['teacher_seq']}"
+  text += f"; prepare {s['prep_rows']} rollouts"
+  if s["prep_teacher_rows"]:
+    text += f" + {s['prep_teacher_rows']} teacher rows"
+  if s["sampler_rows"]:
+    text += f"; sampler {s['sampler_rows']} × ({s['sampler_prompt']} + {s['sampler_new']})"
+  lines.append(text)
+  lines.append(f"JAX's share: {plan.fraction:.2f} × {plan.device_memory / GiB:.1f} GiB = {plan.budget / GiB:.1f} GiB "
+               f"per device ({plan.fraction_source})")
+  lines.append(f"mode: {plan.mode}")
+  st = plan.state
+  lines.append("per device (GiB):")
+  for k in ("parameters", "optimizer state", "teacher"):
+    lines.append(f"  {k:<34}{_g(st[k]):>9}")
+  budget_mode = any(p.name == "accumulate" for p in plan.programs)
+  lines.append(f"  {'gradients':<34}{_g(st['gradients']):>9}" +
+               ("  (resident between accumulate calls)" if budget_mode else "  (inside update's temporaries)"))
+  if plan.programs:
+    names = [p.name for p in plan.programs]
+    lines.append(f"  {'program':<34}" + "".join(f"{n:>12}" for n in names))
+    rows = [("inputs (batch)", lambda p: _g(p.inputs)), ("temporaries", lambda p: _g(p.temporaries)),
+            ("outputs (not in place)", lambda p: _g(p.outputs)), ("total (state + the above)", lambda p: _g(p.total)),
+            ("FLOPs per device (T)", lambda p: f"{p.flops / 1e12:.1f}"),
+            ("  analytic (T)", lambda p: f"{p.analytic_flops / 1e12:.1f}"),
+            ("cuDNN flash attention", lambda p: "-" if p.cudnn_attention is None else
+             ("yes" if p.cudnn_attention else "no")),
+            ("compile s", lambda p: "-" if p.compile_s is None else f"{p.compile_s:.0f}")]
+    for label, f in rows:
+      lines.append(f"  {label:<34}" + "".join(f"{f(p):>12}" for p in plan.programs))
+    for p in plan.programs:
+      if p.collectives:
+        lines.append(f"  collectives in {p.name}: " + ", ".join(f"{k} {v}" for k, v in sorted(p.collectives.items())))
+  for n in plan.notes:
+    lines.append(f"note: {n}")
+  verdict = "FITS" if plan.fits else "DOES NOT FIT"
+  where = f" ({plan.peak.name})" if plan.programs else " (resident state)"
+  lines.append(f"{verdict}: peak {plan.total / GiB:.2f} GiB{where} of {plan.budget / GiB:.1f} GiB per device")
+  return "\n".join(lines)
+
+
+def failure_message(cfg, plan: Plan) -> str:
+  name, value = largest_term(plan)
+  return (f"does not fit on {plan.target}: {plan.total / GiB:.1f} GiB per device > {plan.budget / GiB:.1f} GiB "
+          f"(JAX's share {plan.fraction:.2f} of {plan.device_memory / GiB:.1f} GiB). Largest term: {name} "
+          f"{value / GiB:.1f} GiB (parameters {plan.state['parameters'] / GiB:.1f}, optimizer state "
+          f"{plan.state['optimizer state'] / GiB:.1f}, teacher {plan.state['teacher'] / GiB:.1f} GiB). "
+          f"Would fit: {suggestion(cfg, plan)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The early check of srpo_jax.run (real devices, no compile)
+# ---------------------------------------------------------------------------------------------------------------------
+class DoesNotFit(RuntimeError):
+  """The analytic estimate says the run does not fit the accelerator (message: the largest term and a fix)."""
+
+
+def check_fits_analytic(cfg, mesh=None, devices=None) -> Optional[Plan]:
+  """Raises DoesNotFit when the analytic estimate exceeds JAX's memory on the run's GPUs; None on CPU.
+
+  mesh: the run's mesh (None: one device, nothing sharded, as the trainer runs without one); devices: the devices
+  to read the memory limit from (default: the mesh's, else jax.devices()[:1]).
+  """
+  import jax
+  if devices is None:
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+  devices = list(devices)
+  if not devices or devices[0].platform != "gpu":
+    return None
+  stats = {}
+  try:
+    stats = devices[0].memory_stats() or {}
+  except Exception:  # noqa: BLE001 - some backends have no memory statistics
+    pass
+  limit = int(stats.get("bytes_limit", 0))
+  if not limit:
+    return None
+  sizes = (dict(mesh.shape) if mesh is not None else
+           cfg.mesh.axis_sizes(len(devices)) if len(devices) > 1 else {"data": 1, "fsdp": 1, "tensor": 1})
+  shapes = Shapes.from_config(cfg, sizes["data"] * sizes["fsdp"])
+  q = model_config(cfg, TARGETS["h100x1"])  # any GPU target: the attention "auto" picks on a GPU
+  model = Model.build(cfg, q, _abstract_mesh(sizes))
+  plan = Plan(config="", target="this machine", device=devices[0].device_kind, num_devices=len(devices), mesh=sizes,
+              model=dataclasses.asdict(q), shapes=dataclasses.asdict(shapes), device_memory=limit, fraction=1.0,
+              fraction_source="JAX's allocator limit (bytes_limit)", state=model.state_bytes(), programs=[],
+              mode="analytic")
+  for name, temp in analytic_activations(q, shapes, sizes["fsdp"], sizes["tensor"]).items():
+    inputs, out = _input_bytes(name, shapes, q), _output_bytes(name, plan.state, shapes)
+    plan.programs.append(ProgramPlan(name=name, inputs=inputs, temporaries=temp, outputs=out,
+                                     total=plan.resident + inputs + temp + out, flops=0.0, analytic_flops=0.0))
+  if not plan.fits:
+    raise DoesNotFit(failure_message(cfg, plan) + " (analytic estimate; `python -m srpo_jax.plan` compiles the "
+                     "programs for a target without the GPU)")
+  return plan
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------------
+def main(argv) -> int:
+  from absl import flags
+  from srpo_jax import config as config_lib
+  FLAGS = flags.FLAGS
+  if len(argv) > 1:
+    print(f"unexpected arguments: {argv[1:]}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  if FLAGS.config is None:
+    print("--config=configs/<name>.py is required", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  target = TARGETS.get(FLAGS.target)
+  if target is None:
+    print(f"--target={FLAGS.target!r}: expected one of {', '.join(TARGETS)}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  try:
+    cfg = planning_config(FLAGS.config)
+  except config_lib.ConfigError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  layers = tuple(int(x) for x in FLAGS.layers.split(",")) if FLAGS.layers else None
+  if layers is not None and len(layers) not in (1, 2):
+    print("--layers: one depth, or two (a,b) to extrapolate from", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  if layers is not None and len(layers) == 1:
+    layers = None if layers[0] == model_config(cfg, target).num_hidden_layers else (layers[0], 2 * layers[0])
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  from ml_collections import config_flags
+  name = config_flags.get_config_filename(FLAGS["config"])
+  try:
+    plan = make_plan(cfg, target, config_name=name or "", analytic=FLAGS.analytic, layers=layers,
+                     prepare_rows=FLAGS.prepare_rows, log=log)
+  except RuntimeError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  print(format_plan(plan))
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
+      json.dump(plan.to_json(), f, indent=1)
+  if not plan.fits:
+    print(failure_message(cfg, plan), file=sys.stderr)
+    return EXIT_DOES_NOT_FIT
+  return EXIT_FITS
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:param]).", lock_config=True)
+  flags.DEFINE_string("target", "h100x8", f"One of {', '.join(TARGETS)}.")
+  flags.DEFINE_bool("analytic", False, "Skip the compiler: exact state terms, estimated activations.")
+  flags.DEFINE_string("layers", None, "Compile with this many layers (N, or two depths a,b) and extrapolate the "
+                      "per-layer terms linearly to the model's depth; default: the full depth.")
+  flags.DEFINE_string("json", None, "Also write the plan as JSON here.")
+  flags.DEFINE_integer("prepare_rows", None, "What-if: also plan `prepare` on this many rollouts per call (the trainer "
+                       "calls it per micro-batch); reported beside, not in the verdict.")
+
+
+if __name__ == "__main__":
+  # Before jax initialises: the deviceless CUDA compile's environment (the CPU target ignores it).
+  from srpo_jax import aot as _aot
+  _aot.ensure_cuda_env()
+  from absl import app
+  from srpo_jax import config as _config_lib
+  _define_flags()
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=_config_lib.parse_flags)

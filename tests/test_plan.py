@@ -1,0 +1,272 @@
+"""The memory planner (srpo_jax/plan.py, srpo_jax/aot.py).
+
+CPU-only (this venv): the planner's shapes, its exact state accounting, JAX's memory share, the HLO FLOP counter and
+the CLI's exit codes on the `cpu` target with the tiny config. Deviceless (the CUDA plugin's venv, .venv-aot, run as
+a subprocess: the plugin must not be in this venv): a small Qwen3's update program compiled for 8 × H100 holds cuDNN
+flash attention and FSDP all-gather / reduce-scatter, does 1/8 of the 1-device program's FLOPs per device, and stays
+under the planner's analytic bound; the paper's 8B config on one unsharded H100 exits non-zero naming the state terms.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from srpo_jax import aot, plan
+from srpo_jax.config import ConfigError, apply_overrides
+from tests.e2e_utils import REPO
+
+AOT_PYTHON = os.path.join(REPO, ".venv-aot", "bin", "python")
+
+
+def load_config(path: str, overrides=None, param: str = ""):
+  spec = importlib.util.spec_from_file_location("cfg_module", os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return plan.planning_config(apply_overrides(module.get_config(param), overrides or {}))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shapes, state, shares
+# ---------------------------------------------------------------------------------------------------------------------
+def test_shapes_of_the_paper_config():
+  cfg = load_config("configs/qwen3_8b.py", {"optim.micro_batch_size": 16})
+  s = plan.Shapes.from_config(cfg, row_shards=8)
+  assert (s.prompt, s.resp, s.seq) == (2048, 8192, 10240)
+  assert s.teacher_seq == 16384 + 8192  # bucket of algo.teacher_max_tokens=10240, then the response
+  assert (s.micro_rows, s.micro_batches, s.teacher_rows) == (16, 16, 16)  # 256 rollouts / 16
+  assert (s.prep_rows, s.prep_teacher_rows) == (16, 16)  # prepare per micro-batch, DW teacher on every row
+  assert s.sampler_rows == 0  # rollout.engine = sglang
+  assert s.tokens_per_device == 2 * 10240
+
+
+def test_shapes_under_a_token_budget():
+  cfg = load_config("configs/qwen3_8b.py", {"optim.micro_batch_tokens": 20480})
+  s = plan.Shapes.from_config(cfg, row_shards=8)
+  assert s.budget_mode and s.micro_batches == 1
+  assert s.micro_rows == 16 and s.tokens_per_device == 20480
+
+
+def test_placeholder_model_path_plans_the_published_shape():
+  cfg = load_config("configs/qwen3_4b.py")
+  assert cfg.model.random_init == "4b" and cfg.model.path is None
+  with pytest.raises(ConfigError, match="no Qwen3 size"):
+    load_config("configs/qwen3_4b.py", {"model.path": "/nowhere/my-model"})
+
+
+def test_state_bytes_are_exact():
+  """fp32 Qwen3-8B on fsdp=8: parameters = the parameter count × 4 / 8; AdamW keeps two moments (+ scalars)."""
+  cfg = load_config("configs/qwen3_8b.py")
+  q = plan.model_config(cfg, plan.TARGETS["h100x8"])
+  d, L, v, h = q.hidden_size, q.num_hidden_layers, q.vocab_size, q.head_dim
+  norms = L * (2 * d + 2 * h) + d  # 4 RMSNorm scales per layer and the final one: replicated ("norm", "head_dim")
+  count = 2 * v * d + L * plan.layer_param_count(q) + norms  # untied head
+  model = plan.Model.build(cfg, q, plan._abstract_mesh({"data": 1, "fsdp": 8, "tensor": 1}))
+  st = model.state_bytes()
+  assert st["parameters"] == (count - norms) * 4 // 8 + norms * 4
+  assert 2 * st["parameters"] <= st["optimizer state"] <= 2 * st["parameters"] + 1024
+  assert st["teacher"] == st["gradients"] == st["parameters"]
+  one = plan.Model.build(cfg, q, plan._abstract_mesh({"data": 1, "fsdp": 1, "tensor": 1})).state_bytes()
+  assert one["parameters"] == count * 4
+
+
+def test_jax_memory_share(monkeypatch):
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  cfg = load_config("configs/qwen3_8b.py")
+  gpu = plan.TARGETS["h100x8"]
+  assert plan.jax_memory_fraction(cfg, gpu)[0] == plan.SGLANG_JAX_MEM_FRACTION == 0.55
+  assert plan.jax_memory_fraction(load_config("configs/tiny.py"), gpu)[0] == 0.75  # jax engine: JAX's default
+  assert plan.jax_memory_fraction(cfg, plan.TARGETS["cpu"])[0] == 1.0
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.4")
+  assert plan.jax_memory_fraction(cfg, gpu)[0] == 0.4
+  assert gpu.device_memory_bytes() == 84942979072  # from the XLA spec file
+  assert plan.TARGETS["h20x8"].device_memory_bytes() == 95 * 2**30
+
+
+def test_every_target_file_names_its_source():
+  for t in plan.TARGETS.values():
+    if t.is_gpu:
+      text = t.config_text()
+      assert text.startswith("# srpo_jax:"), t.spec
+      fields = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+      assert not any("collective_memory_granularity" in line for line in fields)  # unknown to jaxlib 0.10.2's proto
+      assert t.device_memory_bytes() > 60 * 2**30
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FLOPs from HLO
+# ---------------------------------------------------------------------------------------------------------------------
+def test_hlo_flops_multiplies_loop_bodies_by_their_trip_count():
+  """cost_analysis counts a scan body once; hlo_flops counts every iteration (and dots inside fusions)."""
+  def f(w, xs):
+    return jax.lax.scan(lambda c, x: (c + (x @ w).sum(), None), 0.0, xs)[0]
+
+  compiled = jax.jit(f).lower(jax.ShapeDtypeStruct((128, 32), jnp.float32),
+                              jax.ShapeDtypeStruct((5, 64, 128), jnp.float32)).compile()
+  counted = aot.hlo_flops(compiled.as_text())
+  assert counted.dot == 5 * 2 * 64 * 128 * 32
+  assert counted.unknown_trip_counts == 0
+
+
+def test_hlo_flops_reads_cudnn_attention():
+  line = ('  %fmha = (bf16[2,4,512,64]{3,1,2,0}, f32[2,4,512]{2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), '
+          'custom_call_target="__cudnn$fmhaSoftmax", backend_config={"cudnn_fmha_backend_config": '
+          '{"intermediate_tensor_shape": {"element_type": "BF16", "dimensions": ["2", "4", "512", "512"]}, '
+          '"mask_type": "PADDING_CAUSAL"}}')
+  text = "ENTRY %main (q: bf16[2,512,4,64]) -> bf16[2,4,512,64] {\n" + line + "\n}\n"
+  assert aot.hlo_flops(text).attention == 0.5 * 4 * 2 * 4 * 512 * 512 * 64
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Suggestions and the early check
+# ---------------------------------------------------------------------------------------------------------------------
+def _plan_with(cfg, temporaries: int, resident_scale: float = 1.0) -> plan.Plan:
+  q = plan.model_config(cfg, plan.TARGETS["h100x8"])
+  sizes = cfg.mesh.axis_sizes(8)
+  shapes = plan.Shapes.from_config(cfg, 8)
+  state = plan.Model.build(cfg, q, plan._abstract_mesh(sizes)).state_bytes()
+  state = {k: int(v * resident_scale) for k, v in state.items()}
+  p = plan.Plan(config="x", target="h100x8", device="H100", num_devices=8, mesh=sizes, model={},
+                shapes=dataclasses_asdict(shapes), device_memory=80 * 2**30, fraction=0.55, fraction_source="",
+                state=state, programs=[], mode="analytic")
+  resident = p.resident
+  p.programs.append(plan.ProgramPlan(name="update", inputs=0, temporaries=temporaries, outputs=0,
+                                     total=resident + temporaries, flops=0.0, analytic_flops=0.0))
+  return p
+
+
+def dataclasses_asdict(x):
+  import dataclasses
+  return dataclasses.asdict(x)
+
+
+def test_suggestion_for_activations_is_a_valid_micro_batch():
+  cfg = load_config("configs/qwen3_8b.py", {"optim.micro_batch_size": 64})
+  p = _plan_with(cfg, temporaries=80 * 2**30)
+  assert not p.fits
+  assert plan.largest_term(p)[0] == "update temporaries"
+  msg = plan.suggestion(cfg, p)
+  rows = int(msg.split("micro_batch_size=")[1].split(" ")[0])
+  assert rows % 8 == 0 and cfg.rollouts_per_mini_batch % rows == 0 and rows < 64
+
+
+def test_suggestion_for_state_names_fsdp():
+  cfg = load_config("configs/qwen3_8b.py", {"mesh.fsdp": 1, "mesh.data": -1})
+  p = _plan_with(cfg, temporaries=0)
+  assert not p.fits and plan.largest_term(p)[0] == "optimizer state"
+  assert "mesh.fsdp=8" in plan.suggestion(cfg, p)
+
+
+def test_early_check_skips_cpu_and_fails_on_a_small_gpu():
+  cfg = load_config("configs/qwen3_8b.py", {"mesh.fsdp": 1})
+  assert plan.check_fits_analytic(cfg) is None  # CPU: nothing to check
+  fake = types.SimpleNamespace(platform="gpu", device_kind="fake H100",
+                               memory_stats=lambda: {"bytes_limit": int(0.55 * 84942979072)})
+  with pytest.raises(plan.DoesNotFit, match="parameters .*optimizer state"):
+    plan.check_fits_analytic(cfg, devices=[fake])
+  # Eight such GPUs with the paper's fsdp=8 mesh: it fits (no mesh object needed for the estimate).
+  assert plan.check_fits_analytic(load_config("configs/qwen3_8b.py"), devices=[fake] * 8).fits
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The CLI on the cpu target
+# ---------------------------------------------------------------------------------------------------------------------
+def run_plan(*args, python=sys.executable, timeout=600):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, whatever other tests set
+  env.update(PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+  return subprocess.run([python, "-m", "srpo_jax.plan", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+SMALL = ["--config=configs/tiny.py", "--config.algo.teacher_max_tokens=64", "--config.data.max_prompt_tokens=64"]
+
+
+def test_cli_fits_on_cpu_compiled(tmp_path):
+  out = tmp_path / "plan.json"
+  proc = run_plan(*SMALL, "--target=cpu", f"--json={out}")
+  assert proc.returncode == plan.EXIT_FITS, proc.stderr[-3000:]
+  assert "FITS" in proc.stdout
+  res = json.loads(out.read_text())
+  names = {p["name"] for p in res["programs"]}
+  assert names == {"update", "prepare", "ema", "sampler"}  # tiny: jax engine, DW teacher in prepare
+  update = next(p for p in res["programs"] if p["name"] == "update")
+  assert update["compile_s"] is not None and update["flops"] > 0
+  # XLA's argument bytes = the planner's exact state + the batch of the shapes it planned (one CPU device).
+  st, sh = res["state"], res["shapes"]
+  mb = plan.abstract_micro_batch((sh["micro_batches"],), sh["micro_rows"], sh["seq"], sh["resp"], sh["teacher_rows"],
+                                 sh["teacher_seq"])
+  batch = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(mb)) + 4  # + the denominator
+  assert update["argument_bytes"] == st["parameters"] + st["optimizer state"] + st["teacher"] + batch
+
+
+def test_cli_analytic_extrapolated_and_bad_inputs(tmp_path):
+  proc = run_plan(*SMALL, "--target=cpu", "--analytic")
+  assert proc.returncode == plan.EXIT_FITS, proc.stderr[-3000:]
+  assert "mode: analytic" in proc.stdout
+  out = tmp_path / "plan.json"
+  proc = run_plan(*SMALL, "--target=cpu", "--layers=1,2", f"--json={out}")  # tiny has 2 layers: exact at 2
+  assert proc.returncode == plan.EXIT_FITS, proc.stderr[-3000:]
+  assert "extrapolated linearly to 2" in json.loads(out.read_text())["mode"]
+  assert run_plan(*SMALL, "--target=tpu9000").returncode == plan.EXIT_BAD_INPUT
+  assert run_plan("--config=configs/tiny.py", "--config.optim.micro_batch_size=7").returncode == plan.EXIT_BAD_INPUT
+
+
+def test_cli_analytic_on_a_gpu_target_needs_no_plugin(tmp_path):
+  """The paper's 8B config on 8 × H100, analytically (no CUDA plugin in this venv): every program fits JAX's 43.5 GiB,
+  the update is the peak."""
+  out = tmp_path / "plan.json"
+  proc = run_plan("--config=configs/qwen3_8b.py", "--target=h100x8", "--analytic", f"--json={out}")
+  assert proc.returncode == plan.EXIT_FITS, proc.stderr[-3000:]
+  res = json.loads(out.read_text())
+  programs = {p["name"]: p for p in res["programs"]}
+  assert max(programs.values(), key=lambda p: p["total"])["name"] == "update"
+  assert res["total"] <= res["budget"] == int(0.55 * 84942979072)
+  # Without micro-batches (the whole 256-rollout mini-batch in one forward) it does not, and says what would.
+  proc = run_plan("--config=configs/qwen3_8b.py", "--target=h100x8", "--analytic", "--config.optim.micro_batch_size=256")
+  assert proc.returncode == plan.EXIT_DOES_NOT_FIT
+  assert "Largest term: update temporaries" in proc.stderr and "micro_batch_size=" in proc.stderr
+
+
+def test_cli_does_not_fit_names_the_state():
+  """Qwen3-8B's fp32 state on one CPU device (this machine's RAM): exit 1, the largest term and a fix named."""
+  proc = run_plan("--config=configs/qwen3_8b.py", "--config.mesh.fsdp=1", "--target=cpu")
+  assert proc.returncode == plan.EXIT_DOES_NOT_FIT, proc.stderr[-3000:]
+  assert "Largest term: optimizer state" in proc.stderr
+  assert "parameters" in proc.stderr and "mesh.fsdp=" in proc.stderr
+  assert "state only" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Deviceless: compiled for 8 × H100 without a GPU (the CUDA plugin's venv)
+# ---------------------------------------------------------------------------------------------------------------------
+def test_deviceless_h100_update_program():
+  if not os.path.exists(AOT_PYTHON):
+    msg = f"{AOT_PYTHON} missing: `make aot-env` installs JAX's CUDA plugin there (make test does)"
+    if os.environ.get("CI") == "true":
+      pytest.fail(msg)
+    pytest.skip(msg)
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  env.update(PYTHONPATH=REPO, JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1")
+  proc = subprocess.run([AOT_PYTHON, "-m", "tests.aot_worker"], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=1500)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  res = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
+  one, eight = res["1"], res["8"]
+  assert eight["cudnn_attention"] and one["cudnn_attention"]
+  assert eight["collectives"].get("all-gather", 0) > 0 and eight["collectives"].get("reduce-scatter", 0) > 0
+  assert eight["unknown_trip_counts"] == 0
+  # No replicated batch work: each of the 8 devices does an eighth of the 1-device program's FLOPs.
+  ratio = eight["flops"] / one["flops"]
+  assert 0.115 <= ratio <= 0.135, ratio
+  assert eight["attention_flops"] * 8 == pytest.approx(one["attention_flops"])
+  # Temporaries under the planner's analytic bound (activations + gradients), and the bound not vacuous.
+  assert eight["temp_bytes"] <= eight["analytic_bound"], eight
+  assert eight["temp_bytes"] >= 0.25 * eight["analytic_bound"], eight
+  h1 = res["h100x1_fsdp1"]
+  assert h1["rc"] == plan.EXIT_DOES_NOT_FIT, h1
+  assert "parameters" in h1["stderr_tail"] and "optimizer state" in h1["stderr_tail"]
