@@ -64,6 +64,9 @@ def test_select():
   assert A.select("cudnn", right_padded=True, query_len=8, platform="cpu") == "cudnn"  # a deviceless GPU compile
   assert A.select("cudnn", right_padded=False, query_len=8) == "blockwise"
   assert A.select("naive", right_padded=True, query_len=8, platform="gpu") == "naive"
+  # cuDNN flash attention takes bf16/fp16 only: a float32 model on a GPU runs blockwise.
+  assert A.select("auto", right_padded=True, query_len=8, platform="gpu", dtype=jnp.float32) == "blockwise"
+  assert A.select("cudnn", right_padded=True, query_len=8, platform="gpu", dtype=jnp.float16) == "cudnn"
   with pytest.raises(ValueError, match="attention implementation"):
     A.select("flash", right_padded=False, query_len=8)
 

@@ -38,8 +38,10 @@ DEFAULT_BLOCK = 512
 _MASKED = jnp.finfo(jnp.float32).min  # finite: a fully masked row averages its keys instead of producing NaN
 
 
-def select(impl: str, *, right_padded: bool, query_len: int, platform: str | None = None) -> str:
-  """The implementation used for one call, given the requested one, the call's layout and the platform."""
+def select(impl: str, *, right_padded: bool, query_len: int, platform: str | None = None,
+           dtype=jnp.bfloat16) -> str:
+  """The implementation used for one call, given the requested one, the call's layout, the platform and the compute
+  dtype (cuDNN flash attention takes bf16/fp16 only: a float32 model on a GPU runs blockwise)."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {impl!r}: expected one of {IMPLEMENTATIONS}")
   if impl in ("naive", "blockwise"):
@@ -47,7 +49,8 @@ def select(impl: str, *, right_padded: bool, query_len: int, platform: str | Non
   if query_len == 1:
     return "naive"
   on_gpu = (platform or jax.default_backend()) == "gpu"
-  if right_padded and (impl == "cudnn" or on_gpu):
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if right_padded and half and (impl == "cudnn" or on_gpu):
     return "cudnn"
   return "blockwise"
 
@@ -55,7 +58,7 @@ def select(impl: str, *, right_padded: bool, query_len: int, platform: str | Non
 def attention(q_BQNH, k_BSKH, v_BSKH, q_slots_BQ, kv_valid_BS, *, impl: str = "auto", right_padded: bool = False,
               block: int = DEFAULT_BLOCK):
   """Causal GQA attention output [B, Q, N, H] (see the module docstring); scores in float32, output in q's dtype."""
-  impl = select(impl, right_padded=right_padded, query_len=q_BQNH.shape[1])
+  impl = select(impl, right_padded=right_padded, query_len=q_BQNH.shape[1], dtype=q_BQNH.dtype)
   if impl == "naive":
     return naive_attention(q_BQNH, k_BSKH, v_BSKH, q_slots_BQ, kv_valid_BS)
   if impl == "blockwise":
