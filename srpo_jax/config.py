@@ -75,6 +75,7 @@ NON_EMPTY = Check(lambda v: bool(v.strip()), "must be a non-empty path")
 INCREASING_POSITIVE = Check(lambda t: all(b > 0 for b in t) and list(t) == sorted(set(t)),
                             "must be strictly increasing positive ints")
 MESH_AXIS = Check(lambda v: v == -1 or v >= 1, "must be >= 1, or -1 for the remaining devices")
+FINITE_SECONDS = Check(lambda v: 0 < v < float("inf"), "must be a finite number of seconds > 0")
 
 
 def at_least(lo: float, why: str) -> Check:
@@ -238,8 +239,24 @@ class RolloutConfig:
   top_p: float = _f(1.0, "Nucleus filter; 1 = off. Table 3.", UNIT_NO_ZERO)
   top_k: int = _f(0, "Top-k filter; 0 = off. Table 3.", NON_NEGATIVE)
   max_new_tokens: int = _f(8192, "Response length cap. Table 3.", POSITIVE)
-  sglang_url: Optional[str] = _f(None, "Running SGLang server (http://host:port); None = launch one with "
-                                 "sglang_args.")
+  sglang_url: Optional[str] = _f(
+      None, "Running SGLang server (http://host:port); None = launch one with sglang_args. Before the first rollout "
+      "of every run (fresh or resumed) the trainer pushes its weights to it and checks what it reports.",
+      Check(lambda v: v.startswith("http://") and len(v) > len("http://"), "must be an http://host:port URL"))
+  request_deadline_s: float = _f(
+      3600.0, "SGLang: overall deadline of one /generate request (up to 256 sequences), connect to last byte, not a "
+      "per-read timeout; its clock starts when it is sent and up to 2 requests share the server. Sized for the "
+      "paper's responses: 2 × 256 × 8,192 tokens ≈ 4.2M tokens, ~35 min at 2,000 tokens/s of a KV-limited 8B server "
+      "(--mem-fraction-static 0.35). A request past it is retried (request_retries), then the run stops with an error "
+      "naming the URL and this deadline.", FINITE_SECONDS)
+  health_timeout_s: float = _f(
+      900.0, "SGLang: how long the server may take to answer GET /health_generate with 200 (a launched 8B server loads "
+      "its weights and captures CUDA graphs: minutes), and to load pushed weights (/update_weights_from_disk).",
+      FINITE_SECONDS)
+  request_retries: int = _f(
+      1, "SGLang: retries of a failed request (no answer within the deadline, connection lost, HTTP 5xx, aborted; a "
+      "launched server that died is restarted first). A hung server stops the run after about request_deadline_s × "
+      "(request_retries + 1).", NON_NEGATIVE)
   sglang_args: tuple[str, ...] = _f((), "Extra `python -m sglang.launch_server` arguments (tuple of str), e.g. "
                                     "(\"--tp\", \"2\").")
   sglang_python: Optional[str] = _f(

@@ -20,10 +20,21 @@ failure switches:
   --fake-ignore-version-updates  /update_weights_from_disk succeeds but keeps the old weight_version (stale weights)
   --fake-spawn-child          starts a sleeping child process (like SGLang's scheduler) in the server's group
   --fake-vocab V              fake vocabulary size (default 32)
+  --fake-hang-after N         the N-th and later /generate requests never answer (a hung scheduler)
+  --fake-hang-count C         ...only C of them (0 = all)
+  --fake-trickle-after N      ...answer one byte a second (headers, then the body: a stalled network / proxy)
+  --fake-bind-delay S         sleep S seconds before binding the port (SGLang binds only after loading the model), so
+                              a port already taken fails late, with EADDRINUSE, as SGLang does
+  --fake-corrupt KIND         every /generate output is broken: nan_logprob | pos_logprob | bad_entry | oob_token |
+                              neg_token | empty | too_long
+Weights: tokens and logprobs also depend on a fingerprint of the *.safetensors files under the loaded model_path
+(`weights_fingerprint`, "" when there are none), reported as `fake_weights_sha` by /get_model_info, so a test can
+tell from the rollouts alone which weights served them.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import http.server
 import json
 import math
@@ -36,8 +47,25 @@ import time
 from typing import Any
 
 
-def fake_generate(prompt: list[int], params: dict[str, Any], vocab: int, salt: int) -> dict[str, Any]:
-  """SGLang-shaped output for one prompt: tokens drawn from a RNG seeded by (prompt, sampling_seed or salt).
+def weights_fingerprint(model_path: str) -> str:
+  """sha256 of the *.safetensors files (names and bytes) directly under `model_path`; "" when there are none."""
+  if not os.path.isdir(model_path):
+    return ""
+  names = sorted(n for n in os.listdir(model_path) if n.endswith(".safetensors"))
+  if not names:
+    return ""
+  h = hashlib.sha256()
+  for name in names:
+    h.update(name.encode())
+    with open(os.path.join(model_path, name), "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+  return h.hexdigest()
+
+
+def fake_generate(prompt: list[int], params: dict[str, Any], vocab: int, salt: int,
+                  weights: str = "") -> dict[str, Any]:
+  """SGLang-shaped output for one prompt: tokens drawn from a RNG seeded by (prompt, sampling_seed or salt, weights).
 
   Stops at the first token in `stop_token_ids` (finish_reason {"type": "stop", "matched": id}) or after
   `max_new_tokens` tokens ({"type": "length", "length": n}). Logprobs are log of a fake probability, so <= 0.
@@ -45,7 +73,7 @@ def fake_generate(prompt: list[int], params: dict[str, Any], vocab: int, salt: i
   detokenizer does for text.
   """
   seed = params.get("sampling_seed")
-  rng = random.Random(f"{prompt}|{seed if seed is not None else f'salt{salt}'}")
+  rng = random.Random(f"{prompt}|{seed if seed is not None else f'salt{salt}'}" + (f"|{weights}" if weights else ""))
   stop_ids = set(params.get("stop_token_ids") or ())
   max_new = int(params.get("max_new_tokens", 128))
   tokens, logprobs, reason = [], [], {"type": "length", "length": max_new}
@@ -66,6 +94,7 @@ class FakeState:
   def __init__(self, args: argparse.Namespace):
     self.args = args
     self.model_path = args.model_path
+    self.weights = weights_fingerprint(args.model_path)
     self.weight_version = args.weight_version
     self.started = time.monotonic()
     self.lock = threading.Lock()
@@ -103,7 +132,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     elif self.path == "/get_model_info":
       self._send(200, {"model_path": st.model_path, "tokenizer_path": st.model_path, "is_generation": True,
                        "weight_version": st.weight_version, "fake_pid": os.getpid(),
-                       "fake_child_pid": st.child.pid if st.child else None,
+                       "fake_child_pid": st.child.pid if st.child else None, "fake_weights_sha": st.weights,
                        "fake_generate_requests": st.generate_requests})
     elif self.path == "/flush_cache":
       self._send(200, b"Cache flushed.\n")
@@ -122,6 +151,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                          "num_paused_requests": 0})
         return
       st.model_path = path
+      st.weights = weights_fingerprint(path)
       if body.get("weight_version") is not None and not st.args.fake_ignore_version_updates:
         st.weight_version = str(body["weight_version"])
       self._send(200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0})
@@ -143,6 +173,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         sys.stderr.write(f"fake-sglang: dying on /generate request #{count}\n")
         sys.stderr.flush()
         os._exit(1)
+    hang_count = st.args.fake_hang_count
+    if st.args.fake_hang_after and st.args.fake_hang_after <= count < st.args.fake_hang_after + (hang_count or 1e18):
+      sys.stderr.write(f"fake-sglang: hanging on /generate request #{count}\n")
+      sys.stderr.flush()
+      while True:
+        time.sleep(3600)
     if st.args.fake_slow:
       time.sleep(st.args.fake_slow)
     input_ids = body["input_ids"]
@@ -161,13 +197,56 @@ class Handler(http.server.BaseHTTPRequestHandler):
       with st.lock:
         st.salt += 1
         salt = st.salt
-      g = fake_generate(prompt, p, st.args.fake_vocab, salt)
+      g = fake_generate(prompt, p, st.args.fake_vocab, salt, st.weights)
       meta = {"id": f"fake-{salt}", "finish_reason": g["finish_reason"], "prompt_tokens": len(prompt),
               "weight_version": st.weight_version, "completion_tokens": len(g["tokens"]), "cached_tokens": 0}
       if body.get("return_logprob"):
         meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(g["logprobs"], g["tokens"])]
-      outs.append({"text": "", "output_ids": g["output_ids"], "meta_info": meta})
+      out = {"text": "", "output_ids": g["output_ids"], "meta_info": meta}
+      if st.args.fake_corrupt:
+        corrupt(out, st.args.fake_corrupt, st.args.fake_vocab, int(p.get("max_new_tokens", 128)))
+      outs.append(out)
+    if st.args.fake_trickle_after and count >= st.args.fake_trickle_after:
+      self._trickle(outs[0] if single else outs)
+      return
     self._send(200, outs[0] if single else outs)
+
+  def _trickle(self, payload: Any) -> None:
+    """A well-formed answer sent one byte a second, headers included (until the client hangs up)."""
+    raw = json.dumps(payload).encode()
+    head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n").encode()
+    try:
+      for i in range(len(head) + len(raw)):
+        self.wfile.write((head + raw)[i:i + 1])
+        self.wfile.flush()
+        time.sleep(1.0)
+    except OSError:
+      pass
+    self.close_connection = True
+
+
+def corrupt(out: dict[str, Any], kind: str, vocab: int, max_new: int) -> None:
+  """Breaks one output in place the way `--fake-corrupt KIND` says (each a case the client must reject)."""
+  entries = out["meta_info"]["output_token_logprobs"]
+  if kind == "nan_logprob":
+    entries[0][0] = float("nan")  # json.dumps writes NaN, as a Python server would
+  elif kind == "pos_logprob":
+    entries[0][0] = 0.5
+  elif kind == "bad_entry":
+    entries[0] = ["x", "y"]
+  elif kind == "oob_token":
+    entries[0][1] = vocab
+  elif kind == "neg_token":
+    entries[0][1] = -1
+  elif kind == "empty":
+    out["meta_info"]["output_token_logprobs"], out["output_ids"] = [], []
+  elif kind == "too_long":
+    entries.extend([[-0.5, 1, None]] * (max_new + 1 - len(entries)))
+    out["output_ids"] = [e[1] for e in entries]
+  else:
+    raise ValueError(f"--fake-corrupt: unknown kind {kind!r}")
+  if kind in ("oob_token", "neg_token", "bad_entry"):
+    out["output_ids"] = None  # Let the per-entry check speak, not the output_ids cross-check.
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,11 +263,18 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--fake-ignore-version-updates", action="store_true")
   parser.add_argument("--fake-spawn-child", action="store_true")
   parser.add_argument("--fake-vocab", type=int, default=32)
+  parser.add_argument("--fake-hang-after", type=int, default=0)
+  parser.add_argument("--fake-hang-count", type=int, default=0)
+  parser.add_argument("--fake-trickle-after", type=int, default=0)
+  parser.add_argument("--fake-bind-delay", type=float, default=0.0)
+  parser.add_argument("--fake-corrupt", default="")
   args, unknown = parser.parse_known_args(argv)
   state = FakeState(args)
   if args.fake_spawn_child:
     state.child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
   Handler.state = state
+  if args.fake_bind_delay:
+    time.sleep(args.fake_bind_delay)
   server = http.server.ThreadingHTTPServer((args.host, args.port), Handler)
   server.daemon_threads = True
   sys.stderr.write(f"fake-sglang: pid {os.getpid()} serving {args.model_path} "

@@ -32,7 +32,7 @@ STOP = (5, 7)
 
 def _engine(tmp_path: pathlib.Path, *fake_args: str, **kw) -> se.SGLangEngine:
   kw.setdefault("health_timeout_s", 20.0)
-  kw.setdefault("request_timeout_s", 10.0)
+  kw.setdefault("request_deadline_s", 10.0)
   kw.setdefault("backoff_s", 0.05)
   kw.setdefault("install_signal_handlers", False)
   kw.setdefault("send_seeds", True)
@@ -246,7 +246,7 @@ def test_close_kills_process_group_and_is_idempotent(tmp_path):
 
 
 def test_timeouts_are_retried_then_reported(tmp_path):
-  with _engine(tmp_path, "--fake-slow", "1.5", request_timeout_s=0.3, max_retries=1) as eng:
+  with _engine(tmp_path, "--fake-slow", "1.5", request_deadline_s=0.3, max_retries=1) as eng:
     with pytest.raises(se.SGLangError, match="after 2 attempts"):
       eng.generate([[1]], SamplingParams(max_new_tokens=1))
     assert eng.num_restarts == 0  # A slow but live server is not restarted.

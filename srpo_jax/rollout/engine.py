@@ -16,6 +16,11 @@ import numpy as np
 FinishReason = Literal["stop", "length"]
 
 
+class RolloutInterrupted(RuntimeError):
+  """A stop was requested (`RolloutEngine.interrupt`, e.g. on SIGTERM / SIGINT) while the engine was waiting: the
+  rollouts in flight are abandoned and nothing they produced is returned."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
   """How to sample. `top_k <= 0` and `top_p >= 1` switch those filters off; `temperature == 0` is greedy."""
@@ -54,7 +59,10 @@ class Completion:
 
 
 class RolloutEngine(abc.ABC):
-  """generate() -> per prompt, `n` Completions; update_weights() after every training step; close()."""
+  """generate() -> per prompt, `n` Completions; update_weights() after every training step; close().
+
+  `ensure_weights()` before the first rollout of a run; `interrupt()` from a signal handler.
+  """
 
   @abc.abstractmethod
   def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams,
@@ -64,6 +72,18 @@ class RolloutEngine(abc.ABC):
   @abc.abstractmethod
   def update_weights(self, params: Any, version: int) -> None:
     """Makes the engine sample from `params` (the trainer's current weights), tagged `version`."""
+
+  def ensure_weights(self, params: Any, version: int) -> None:
+    """Before the first rollout of a run: makes the engine hold exactly `params` as `version`, and checks it.
+
+    An engine whose weights may differ from the trainer's (a server someone else loaded, a resumed run) must not
+    serve a single rollout before this; the default pushes `params` (`update_weights`).
+    """
+    self.update_weights(params, version)
+
+  def interrupt(self) -> None:
+    """Asks every wait of the engine to end soon with `RolloutInterrupted`. Safe in a signal handler (it only sets a
+    flag); later calls raise at once. An in-process engine computing on the host has nothing to interrupt."""
 
   def close(self) -> None:
     """Releases processes / devices. Idempotent."""

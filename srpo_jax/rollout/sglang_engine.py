@@ -30,16 +30,24 @@ Choices and where they depart from the `RolloutEngine` contract:
   `sample_seed(sampling.seed, i, j)`. Seeds are sent only when `send_seeds` (default: when that flag is in
   `server_args`); the trainer should vary `SamplingParams.seed` per step.
 - `output_token_logprobs` is the source of the token ids (it has one entry per sampled token, the stop token
-  included); `no_stop_trim` is sent so `output_ids` keeps the stop token too, and the two are cross-checked.
+  included); `no_stop_trim` is sent so `output_ids` keeps the stop token too, and the two are cross-checked. Every
+  entry is checked (a [logprob, token_id, ...] list, a finite logprob <= 0, an id in [0, vocab_size), at least one and
+  at most max_new_tokens of them): a bad one is an `SGLangError` naming the URL, the field and the value.
+- Deadlines: every HTTP call has an OVERALL deadline (`deadline_http`: connect to last byte, not per read), and every
+  wait polls a stop flag (`interrupt()`, which the trainer's SIGTERM / SIGINT handler calls), so neither a hung nor a
+  trickling server nor a pending signal can hold the trainer longer than the deadline (times the attempts).
+- Identity: a server this engine launched must be its own process reporting its own model path and weight version
+  (a port taken by another healthy server answers health checks too); `ensure_weights` pushes the trainer's weights
+  before a run's first rollout and checks what `/get_model_info` reports.
 """
 from __future__ import annotations
 
 import atexit
 import concurrent.futures
 import hashlib
-import http.client
 import json
 import logging
+import math
 import os
 import pathlib
 import shutil
@@ -50,18 +58,20 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from srpo_jax.rollout.engine import Completion, RolloutEngine, SamplingParams
+from srpo_jax.rollout import deadline_http
+from srpo_jax.rollout.engine import Completion, RolloutEngine, RolloutInterrupted, SamplingParams
 
 log = logging.getLogger(__name__)
 
 ExportFn = Callable[[Any, str], None]  # export_fn(params, out_dir) writes an HF safetensors checkpoint into out_dir.
+# A sampled token's log-prob is <= 0; fp32 log_softmax gives exactly that, this tolerance only absorbs a server that
+# rounds differently. Anything above it is not a log-probability.
+MAX_LOGPROB = 1e-5
 
 
 class SGLangError(RuntimeError):
@@ -135,8 +145,50 @@ def server_args_to_cli(server_args: Mapping[str, Any] | Sequence[str]) -> list[s
   return [str(a) for a in server_args]
 
 
-def parse_generate_output(out: Mapping[str, Any], expected_version: str, version: int, where: str) -> Completion:
+def parse_token_logprobs(entries: Any, where: str, vocab_size: int | None = None,
+                         max_new_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """`meta_info.output_token_logprobs` -> (token_ids [T] int32, logprobs [T] float32), every entry checked.
+
+  Each entry is [logprob, token_id, text|null]: the logprob a finite number <= 0 (`MAX_LOGPROB`), the id an int in
+  [0, vocab_size); 1 <= T <= max_new_tokens. Anything else is an `SGLangError` naming `where`, the entry and value.
+  """
+  field = "meta_info.output_token_logprobs"
+  if not isinstance(entries, list):
+    raise SGLangError(f"{where}: {field} is not a list: {str(entries)[:200]}")
+  if not entries:
+    raise SGLangError(f"{where}: {field} is empty: an empty completion (at least one token is always sampled)")
+  if max_new_tokens is not None and len(entries) > max_new_tokens:
+    raise SGLangError(f"{where}: {field} has {len(entries)} tokens, more than max_new_tokens={max_new_tokens}")
+  try:
+    lps, ids = [e[0] for e in entries], [e[1] for e in entries]
+  except (TypeError, IndexError, KeyError):
+    k = next(k for k, e in enumerate(entries) if not (isinstance(e, (list, tuple)) and len(e) >= 2))
+    raise SGLangError(f"{where}: {field}[{k}] = {str(entries[k])[:100]}: expected [logprob, token_id, text]") from None
+  # Type sets, not per-entry isinstance: 2M entries a step. bool is not an int here (JSON true is not a token id).
+  if {type(v) for v in lps} - {float, int}:
+    k = next(k for k, v in enumerate(lps) if type(v) not in (float, int))
+    raise SGLangError(f"{where}: {field}[{k}][0] (logprob) = {lps[k]!r:.100} is not a number")
+  if {type(v) for v in ids} - {int}:
+    k = next(k for k, v in enumerate(ids) if type(v) is not int)
+    raise SGLangError(f"{where}: {field}[{k}][1] (token id) = {ids[k]!r:.100} is not an integer")
+  logprobs = np.asarray(lps, dtype=np.float64)
+  bad = np.flatnonzero(~np.isfinite(logprobs) | (logprobs > MAX_LOGPROB))
+  if bad.size:
+    k = int(bad[0])
+    raise SGLangError(f"{where}: {field}[{k}][0] (logprob) = {lps[k]!r} is not a log-probability (finite, <= 0)")
+  limit = vocab_size if vocab_size is not None else 2**31  # int32 ids without a known vocabulary
+  if min(ids) < 0 or max(ids) >= limit:
+    k = next(k for k, v in enumerate(ids) if not 0 <= v < limit)
+    vocab = f"[0, {vocab_size})" if vocab_size is not None else "of int32 ids"
+    raise SGLangError(f"{where}: {field}[{k}][1] (token id) = {ids[k]} is outside the vocabulary {vocab}")
+  return np.asarray(ids, dtype=np.int32), logprobs.astype(np.float32)
+
+
+def parse_generate_output(out: Any, expected_version: str, version: int, where: str, vocab_size: int | None = None,
+                          max_new_tokens: int | None = None) -> Completion:
   """One `/generate` answer -> `Completion`. Raises `StaleWeightsError`, `_Retryable` (aborted) or `SGLangError`."""
+  if not isinstance(out, Mapping):
+    raise SGLangError(f"{where}: an output is not a JSON object: {str(out)[:300]}")
   meta = out.get("meta_info")
   if not isinstance(meta, Mapping):
     raise SGLangError(f"{where}: response has no meta_info: {str(out)[:300]}")
@@ -145,7 +197,7 @@ def parse_generate_output(out: Mapping[str, Any], expected_version: str, version
   if kind == "abort":
     raise _Retryable(f"{where}: request aborted by the server: {reason}")
   if kind not in ("stop", "length"):
-    raise SGLangError(f"{where}: unexpected meta_info.finish_reason {reason!r}")
+    raise SGLangError(f"{where}: unexpected meta_info.finish_reason {str(reason)[:200]}")
   got_version = meta.get("weight_version")
   if got_version is None:
     raise SGLangError(f"{where}: response has no meta_info.weight_version (SGLang too old?); cannot rule out stale "
@@ -155,14 +207,13 @@ def parse_generate_output(out: Mapping[str, Any], expected_version: str, version
   entries = meta.get("output_token_logprobs")
   if entries is None:
     raise SGLangError(f"{where}: response has no meta_info.output_token_logprobs (was return_logprob sent?)")
-  token_ids = np.asarray([int(e[1]) for e in entries], dtype=np.int32)
-  logprobs = np.asarray([float(e[0]) for e in entries], dtype=np.float32)
+  token_ids, logprobs = parse_token_logprobs(entries, where, vocab_size, max_new_tokens)
   output_ids = out.get("output_ids")
   if output_ids is not None:
     # output_ids may lack the final stop token if the server trimmed it; otherwise it must equal the logprob ids.
-    n_ids = len(output_ids)
-    if list(output_ids) != token_ids[:n_ids].tolist() or n_ids not in (len(token_ids), len(token_ids) - 1):
-      raise SGLangError(f"{where}: output_ids {list(output_ids)[:16]}... disagree with the token ids of "
+    n_ids = len(output_ids) if isinstance(output_ids, list) else -1
+    if n_ids not in (len(token_ids), len(token_ids) - 1) or list(output_ids) != token_ids[:n_ids].tolist():
+      raise SGLangError(f"{where}: output_ids {str(output_ids)[:100]}... disagree with the token ids of "
                         f"output_token_logprobs {token_ids[:16].tolist()}...")
   return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason=kind, weight_version=version)
 
@@ -222,13 +273,19 @@ class SGLangEngine(RolloutEngine):
     export_fn: `export_fn(params, out_dir)` writes an HF safetensors checkpoint; needed by `update_weights`.
     run_dir: holds the server log and the exported weights (default: a fresh temporary directory).
     port: port of the launched server (default: a free one, re-picked on restart).
-    health_timeout_s: how long a launched server may take to answer `/health_generate` with 200.
-    request_timeout_s: socket timeout of one `/generate` request (a batch chunk).
-    max_retries: retries per request after the first attempt; the wait before retry k is `backoff_s * 2**k`.
+    health_timeout_s: how long a server may take to answer `/health_generate` with 200 (a launched one: to load
+      and start), and to load weights (`/update_weights_from_disk`).
+    request_deadline_s: overall deadline of one `/generate` request (a batch chunk of up to `max_batch_size`
+      sequences), from connect to the answer's last byte; its clock starts when it is sent, and up to
+      `max_concurrency` requests share the server at once.
+    max_retries: retries per request after the first attempt; the wait before retry k is `backoff_s * 2**k`. A
+      request fails for good after `(max_retries + 1) × deadline` plus the backoffs.
     python, launch_cmd: the server command is `launch_cmd + [--model-path, ..., --host, --port, --weight-version]
       + server_args`, `launch_cmd` defaulting to `[python, -m, sglang.launch_server]` (tests put a fake server here).
-    initial_version: the integer version of `model_path`'s weights.
-    max_batch_size: sequences per `/generate` request; max_concurrency: requests in flight at once.
+    initial_version: the integer version of `model_path`'s weights (a launched server is tagged with it).
+    vocab_size: the model's vocabulary: a sampled id outside [0, vocab_size) is an error (None: ids >= 0 only).
+    max_batch_size: sequences per `/generate` request; max_concurrency: requests in flight at once (2: one 256-row
+      request fills SGLang's running batch, a second one keeps it full while the first one's longest rows finish).
     send_seeds: send per-sample `sampling_seed`s (default: iff `--enable-deterministic-inference` is in server_args).
     keep_exports: exported weight directories kept on disk (the newest ones).
     install_signal_handlers: on SIGTERM / SIGINT, kill the server, then run the previous handler.
@@ -236,21 +293,28 @@ class SGLangEngine(RolloutEngine):
 
   def __init__(self, model_path: str | os.PathLike, *, url: str | None = None,
                server_args: Mapping[str, Any] | Sequence[str] = (), export_fn: ExportFn | None = None,
-               run_dir: str | os.PathLike | None = None, port: int | None = None, health_timeout_s: float = 600.0,
-               request_timeout_s: float = 1800.0, max_retries: int = 3, backoff_s: float = 1.0,
+               run_dir: str | os.PathLike | None = None, port: int | None = None, health_timeout_s: float = 900.0,
+               request_deadline_s: float = 3600.0, max_retries: int = 1, backoff_s: float = 1.0,
                python: str = sys.executable, launch_cmd: Sequence[str] | None = None, initial_version: int = 0,
-               max_batch_size: int = 256, max_concurrency: int = 8, send_seeds: bool | None = None,
-               keep_exports: int = 2, install_signal_handlers: bool = True, kill_grace_s: float = 10.0):
+               vocab_size: int | None = None, max_batch_size: int = 256, max_concurrency: int = 2,
+               send_seeds: bool | None = None, keep_exports: int = 2, install_signal_handlers: bool = True,
+               kill_grace_s: float = 10.0):
     if max_retries < 0 or max_batch_size < 1 or max_concurrency < 1 or keep_exports < 1:
       raise ValueError(f"SGLangEngine: need max_retries >= 0, max_batch_size >= 1, max_concurrency >= 1, "
                        f"keep_exports >= 1; got {max_retries}, {max_batch_size}, {max_concurrency}, {keep_exports}")
+    if not (health_timeout_s > 0 and request_deadline_s > 0):
+      raise ValueError(f"SGLangEngine: need health_timeout_s > 0 and request_deadline_s > 0; got {health_timeout_s}, "
+                       f"{request_deadline_s}")
+    if url is not None:
+      deadline_http.check_url(url.rstrip("/"))
     self._server_cli = server_args_to_cli(server_args)
     self.model_path = str(model_path)
     self.export_fn = export_fn
     self.run_dir = pathlib.Path(run_dir) if run_dir is not None else pathlib.Path(tempfile.mkdtemp(prefix="sglang_"))
     self.run_dir.mkdir(parents=True, exist_ok=True)
     self.health_timeout_s = float(health_timeout_s)
-    self.request_timeout_s = float(request_timeout_s)
+    self.request_deadline_s = float(request_deadline_s)
+    self.vocab_size = int(vocab_size) if vocab_size is not None else None
     self.max_retries = int(max_retries)
     self.backoff_s = float(backoff_s)
     self.max_batch_size = int(max_batch_size)
@@ -270,7 +334,7 @@ class SGLangEngine(RolloutEngine):
     self._exports: list[pathlib.Path] = []
     self._closed = False
     self._warned_filters = False
-    self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # Never proxy 127.0.0.1.
+    self._stop = threading.Event()  # interrupt() / close(): every wait ends with RolloutInterrupted.
     self._prev_handlers: dict[int, Any] = {}
 
     atexit.register(self.close)
@@ -300,6 +364,8 @@ class SGLangEngine(RolloutEngine):
     """Samples `n` completions per prompt; result[i][j] is sample j of prompt i. Raises `StaleWeightsError`."""
     if self._closed:
       raise SGLangError("SGLangEngine.generate called after close()")
+    if self._stop.is_set():
+      raise RolloutInterrupted(f"SGLangEngine at {self.url}: interrupted (stop requested)")
     if n < 1:
       raise ValueError(f"generate: n must be >= 1, got {n}")
     prompts = [[int(t) for t in p] for p in prompt_token_ids]
@@ -312,8 +378,16 @@ class SGLangEngine(RolloutEngine):
     if not chunks:
       return []
     flat: list[Completion] = []  # in item order: chunks are consecutive runs of `items`
+    cancel = threading.Event()  # The first failure ends the other requests at once (they poll it).
     with concurrent.futures.ThreadPoolExecutor(min(self.max_concurrency, len(chunks))) as pool:
-      futures = [pool.submit(self._generate_chunk, prompts, chunk, sampling) for chunk in chunks]
+      futures = [pool.submit(self._generate_chunk, prompts, chunk, sampling, cancel) for chunk in chunks]
+      concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+      failed = [f for f in futures if f.done() and f.exception() is not None]
+      if failed:
+        cancel.set()
+        # The cause, not a sibling's "cancelled" (RolloutInterrupted) when a real error is among the failures.
+        real = [f for f in failed if not isinstance(f.exception(), RolloutInterrupted)]
+        raise (real or failed)[0].exception()
       for fut in futures:
         flat.extend(fut.result())
     return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
@@ -329,15 +403,15 @@ class SGLangEngine(RolloutEngine):
     body = {"model_path": str(out_dir), "weight_version": str(version)}
     for attempt in range(self.max_retries + 1):
       gen, url = self._snapshot()
-      try:
-        status, reply = self._request("POST", "/update_weights_from_disk", body, self.request_timeout_s, url)
+      try:  # Loading weights is bounded like loading them at start-up.
+        status, reply = self._request("POST", "/update_weights_from_disk", body, self.health_timeout_s, url)
       except _Retryable as e:
         if self.owns_server and self._restart_if_dead(gen, e.server_gone, model_path=out_dir, version=version):
           break  # The fresh server loaded `out_dir` at start, tagged `version`: nothing left to do.
         if attempt == self.max_retries:
-          raise SGLangError(f"update_weights(version={version}) at {self.url} failed after {attempt + 1} attempts: "
-                            f"{e}") from e
-        time.sleep(self.backoff_s * 2**attempt)
+          raise SGLangError(f"update_weights(version={version}) at {self.url} failed after {attempt + 1} attempts "
+                            f"(health_timeout_s={self.health_timeout_s:g}): {e}") from e
+        self._sleep(self.backoff_s * 2**attempt)
         continue
       if status != 200 or not (isinstance(reply, Mapping) and reply.get("success")):
         raise SGLangError(f"update_weights(version={version}): {self.url}/update_weights_from_disk answered "
@@ -347,15 +421,39 @@ class SGLangEngine(RolloutEngine):
       self.model_path, self.version, self._version_tag = str(out_dir), version, str(version)
     self._prune_exports()
 
+  def ensure_weights(self, params: Any, version: int) -> None:
+    """Before a run's first rollout: the server holds exactly `params` as `version`, as `/get_model_info` confirms.
+
+    A server this engine launched from `model_path` tagged `version` already does (the caller exported `params`
+    there); any other (an attached server holds whatever someone loaded, maybe under the same tag) gets them pushed.
+    """
+    version = int(version)
+    if not (self.owns_server and self.version == version):
+      self.update_weights(params, version)
+    self.verify_weights(version)
+
+  def verify_weights(self, version: int) -> None:
+    """`StaleWeightsError` unless the server reports our model path and weight version `version`."""
+    info = self.get_model_info()
+    got = (str(info.get("model_path")), str(info.get("weight_version")))
+    want = (self.model_path, str(int(version)))
+    if got != want:
+      raise StaleWeightsError(f"{self.url}/get_model_info reports model_path={got[0]!r}, weight_version={got[1]!r}; "
+                              f"expected model_path={want[0]!r}, weight_version={want[1]!r} (the trainer's weights)")
+
+  def interrupt(self) -> None:
+    """Every wait (request, health poll, backoff) ends within `deadline_http.POLL_S` with `RolloutInterrupted`."""
+    self._stop.set()
+
   def get_model_info(self) -> dict[str, Any]:
-    status, reply = self._request("GET", "/get_model_info", None, 30.0)
+    status, reply = self._request("GET", "/get_model_info", None, min(30.0, self.health_timeout_s))
     if status != 200 or not isinstance(reply, Mapping):
       raise SGLangError(f"{self.url}/get_model_info answered HTTP {status}: {str(reply)[:300]}")
     return dict(reply)
 
   def flush_cache(self) -> None:
     """Drops the radix (prefix) cache. `update_weights_from_disk` already flushes it by default."""
-    status, reply = self._request("POST", "/flush_cache", None, 60.0)
+    status, reply = self._request("POST", "/flush_cache", None, min(60.0, self.health_timeout_s))
     if status != 200:
       raise SGLangError(f"{self.url}/flush_cache answered HTTP {status}: {str(reply)[:300]}")
 
@@ -363,6 +461,7 @@ class SGLangEngine(RolloutEngine):
     """Kills the launched server's process group (SIGTERM, then SIGKILL). Idempotent; attached servers live on."""
     # A signal handler may land here while another thread holds the lock for a restart (up to health_timeout_s):
     # do not wait that long; `_start_server` re-checks `_closed` after spawning.
+    self._stop.set()  # Requests in other threads end at once instead of waiting out their deadline.
     locked = self._lock.acquire(timeout=5.0)
     try:
       if self._closed:
@@ -398,6 +497,7 @@ class SGLangEngine(RolloutEngine):
       if self._closed:
         raise SGLangError("SGLangEngine closed while the server was (re)starting")
       self._wait_healthy()
+      self._check_identity()
     except BaseException:
       proc, self._proc = self._proc, None
       _kill_group(proc, grace_s=2.0)
@@ -410,17 +510,41 @@ class SGLangEngine(RolloutEngine):
       if code is not None:
         raise ServerStartupError(f"SGLang server for {self.url} exited with code {code} before becoming healthy. "
                                  f"Log {self.log_path}, last lines:\n{_tail(self.log_path)}")
+      left = deadline - time.monotonic()
       try:
-        status, _ = self._request("GET", "/health_generate", None, min(10.0, self.health_timeout_s))
-        if status == 200:
-          return
+        if left > 0:
+          status, _ = self._request("GET", "/health_generate", None, min(10.0, left))
+          if status == 200:
+            return
       except _Retryable:
         pass  # Not listening yet.
       if time.monotonic() > deadline:
         raise ServerStartupError(f"SGLang server at {self.url} was not healthy (GET /health_generate -> 200) within "
                                  f"health_timeout_s={self.health_timeout_s:g}s. Log {self.log_path}, last lines:\n"
                                  f"{_tail(self.log_path)}")
-      time.sleep(0.2)
+      self._sleep(0.2)
+
+  def _check_identity(self) -> None:
+    """A launched server that answers health checks must be ours: our process alive, our model path and version.
+
+    SGLang binds its port only after loading the model, so while ours loads (or after it died of EADDRINUSE)
+    another server on that port answers `/health_generate` with 200; its rollouts would come from its weights.
+    """
+    info = self.get_model_info()
+    code = self._proc.poll()
+    got = (str(info.get("model_path")), str(info.get("weight_version")))
+    want = (self.model_path, self._version_tag)
+    if code is not None or got != want:
+      ours = f"exited with code {code}" if code is not None else f"pid {self._proc.pid} is alive but not answering"
+      raise ServerStartupError(
+          f"{self.url} answers as another server: it reports model_path={got[0]!r}, weight_version={got[1]!r}, but "
+          f"the server this engine launched there (model_path={want[0]!r}, weight_version={want[1]!r}) {ours}. The "
+          f"port is taken by another server: stop it or let the engine pick a free port. Log {self.log_path}, last "
+          f"lines:\n{_tail(self.log_path)}")
+
+  def _sleep(self, seconds: float) -> None:
+    if self._stop.wait(seconds):
+      raise RolloutInterrupted(f"SGLangEngine at {self.url}: interrupted (stop requested)")
 
   def _restart_if_dead(self, gen: int, server_gone: bool, *, model_path: pathlib.Path | None = None,
                        version: int | None = None) -> bool:
@@ -457,32 +581,32 @@ class SGLangEngine(RolloutEngine):
 
   # ----- requests -----------------------------------------------------------------------------------------------------
 
-  def _request(self, method: str, path: str, body: Any, timeout: float, url: str | None = None) -> tuple[int, Any]:
-    """One HTTP call. Returns (status, parsed JSON or text) for any HTTP answer; raises `_Retryable` otherwise."""
+  def _request(self, method: str, path: str, body: Any, deadline_s: float, url: str | None = None,
+               cancel: threading.Event | None = None) -> tuple[int, Any]:
+    """One HTTP call with an overall deadline. Returns (status, parsed JSON or text) for any HTTP answer below 500;
+    raises `_Retryable` (no complete answer in time, connection lost, 5xx), `RolloutInterrupted` or `SGLangError`."""
     url = url or self.url
     data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
-    req = urllib.request.Request(url + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    stop = (lambda: self._stop.is_set() or cancel.is_set()) if cancel is not None else self._stop.is_set
     try:
-      with self._opener.open(req, timeout=timeout) as resp:
-        status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-      status, raw = e.code, e.read()
-    except urllib.error.URLError as e:
-      gone = isinstance(e.reason, (ConnectionRefusedError, ConnectionResetError))
-      raise _Retryable(f"{method} {url}{path}: {e.reason!r}", server_gone=gone) from e
-    except (ConnectionError, http.client.HTTPException, socket.timeout, TimeoutError, OSError) as e:
-      gone = isinstance(e, (ConnectionRefusedError, ConnectionResetError, http.client.RemoteDisconnected))
-      raise _Retryable(f"{method} {url}{path}: {e!r}", server_gone=gone) from e
+      status, raw = deadline_http.request(url, method, path, data, deadline_s, stop=stop)
+    except deadline_http.Stopped as e:
+      raise RolloutInterrupted(str(e)) from None
+    except deadline_http.HTTPFailure as e:
+      raise _Retryable(str(e), server_gone=e.server_gone) from e
+    except deadline_http.BadResponse as e:
+      raise SGLangError(str(e)) from e
     if status >= 500:
       raise _Retryable(f"{method} {url}{path}: HTTP {status}: {raw[:300]!r}")
     try:
       return status, json.loads(raw) if raw else None
-    except json.JSONDecodeError:
+    except ValueError:  # Not JSON (or not UTF-8): the caller reports the text.
       return status, raw.decode("utf-8", "replace")
+    except RecursionError:
+      raise SGLangError(f"{method} {url}{path}: answer nested too deeply to be JSON from SGLang") from None
 
-  def _generate_chunk(self, prompts: list[list[int]], chunk: list[tuple[int, int]],
-                      sampling: SamplingParams) -> list[Completion]:
+  def _generate_chunk(self, prompts: list[list[int]], chunk: list[tuple[int, int]], sampling: SamplingParams,
+                      cancel: threading.Event | None = None) -> list[Completion]:
     """Sends one batch of (prompt i, sample j) items, retrying (and restarting a dead owned server) on failure."""
     body = {
         "input_ids": [prompts[i] for i, _ in chunk],
@@ -498,14 +622,15 @@ class SGLangEngine(RolloutEngine):
     for attempt in range(self.max_retries + 1):
       gen, url = self._snapshot()
       try:
-        status, reply = self._request("POST", "/generate", body, self.request_timeout_s, url)
+        status, reply = self._request("POST", "/generate", body, self.request_deadline_s, url, cancel)
         if status != 200:
           raise SGLangError(f"{where()} answered HTTP {status}: {str(reply)[:500]}")
         if not isinstance(reply, list) or len(reply) != len(chunk):
           raise SGLangError(f"{where()}: expected a list of {len(chunk)} outputs, got {str(reply)[:300]}")
         with self._lock:
           tag, version = self._version_tag, self.version
-        return [parse_generate_output(out, tag, version, where()) for out in reply]
+        return [parse_generate_output(out, tag, version, where(), self.vocab_size, sampling.max_new_tokens)
+                for out in reply]
       except _Retryable as e:
         last = e
         if attempt == self.max_retries:
@@ -513,9 +638,9 @@ class SGLangEngine(RolloutEngine):
         log.warning("%s failed (attempt %d/%d): %s", where(), attempt + 1, self.max_retries + 1, e)
         if self.owns_server and self._restart_if_dead(gen, e.server_gone):
           continue  # Fresh server: retry at once.
-        time.sleep(self.backoff_s * 2**attempt)
+        self._sleep(self.backoff_s * 2**attempt)
     raise SGLangError(f"{where()} failed after {self.max_retries + 1} attempts "
-                      f"(request_timeout_s={self.request_timeout_s:g}): {last}") from last
+                      f"(request_deadline_s={self.request_deadline_s:g} each): {last}") from last
 
   def _maybe_warn_filters(self, sampling: SamplingParams) -> None:
     if (sampling.top_k > 0 or sampling.top_p < 1.0) and not self._warned_filters:
