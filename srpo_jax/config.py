@@ -592,8 +592,9 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
   origin, args = typing.get_origin(tp), typing.get_args(tp)
   if origin is typing.Union:  # Optional[X]
     (inner,) = [a for a in args if a is not type(None)]
-    # A typed placeholder overridden with `--config.x=None` arrives as the string "None".
-    if value is None or (inner is str and value == "None"):
+    # A str-typed placeholder (a str or a Literal of strs: model.random_init) overridden with `--config.x=None`
+    # arrives as the string "None"; it clears the field (e.g. tiny.py's random_init preset, to load model.path).
+    if value is None or (value == "None" and _placeholder_type(path, inner) is str):
       return None
     return _coerce(path, value, inner)
   if origin is Literal:

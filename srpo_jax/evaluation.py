@@ -12,6 +12,8 @@ from srpo_jax.rollout.engine import RolloutEngine, SamplingParams
 
 def evaluate(engine: RolloutEngine, task, tokenizer, eval_cfg, max_new_tokens: int, seed: int) -> dict[str, float]:
   """avg@n on `task.test` (temperature 0.6, top-p 0.95 by default) and the favourite answer's share (chance level)."""
+  if not task.test.ids:  # an average over no question would be reported as accuracy 0.0
+    raise ValueError("evaluate: the test split has no prompts (nothing to evaluate)")
   t0 = time.perf_counter()
   sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=eval_cfg.temperature, top_p=eval_cfg.top_p,
                             top_k=eval_cfg.top_k, seed=seed)

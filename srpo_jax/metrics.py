@@ -90,6 +90,8 @@ SUMMARY_BEST_ACCURACY = "best_eval_accuracy"
 SUMMARY_FINAL_ACCURACY = "final_eval_accuracy"
 SUMMARY_TRAIN_TIME_S = "train_time_s"  # the training clock at the end (evaluation excluded)
 SUMMARY_WALL_TIME_S = "wall_time_s"  # the wall clock at the end (everything)
+SUMMARY_SKIPPED_DATA_ROWS = "skipped_data_rows"  # malformed data rows skipped under data.on_error=skip (both splits)
+SUMMARY_DROPPED_PROMPTS = "dropped_long_prompts"  # rows dropped as longer than data.max_prompt_tokens (both splits)
 
 PLOT_KEYS = (EVAL_ACCURACY, TRAIN_REWARD_MEAN, ROUTE_FRAC_GRPO, ROUTE_FRAC_SDPO, ROUTE_FRAC_FALLBACK,
              TEACHER_ENTROPY_MEAN, ROLLOUT_RESPONSE_LEN_MEAN, TIME_STEP_S)

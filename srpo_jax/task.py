@@ -18,7 +18,8 @@ class Task:
   train: prompt_lib.RenderedPrompts
   test: prompt_lib.RenderedPrompts
   reward: Reward
-  skipped_rows: int = 0  # malformed data rows skipped under data.on_error="skip"
+  skipped_rows: int = 0  # malformed data rows skipped under data.on_error="skip" (summary SUMMARY_SKIPPED_DATA_ROWS)
+  dropped_prompts: int = 0  # rows dropped as longer than data.max_prompt_tokens (summary SUMMARY_DROPPED_PROMPTS)
   tooluse_system_prompt: bool = False  # how `messages` builds a row's chat (the teacher prompt starts from it)
 
   def messages(self, train_index: int) -> prompt_lib.Messages:
@@ -54,7 +55,10 @@ def load_task(cfg, tokenizer) -> Task:
   if train.dropped or test.dropped:
     log.warning("dropped prompts longer than %d tokens: train %d, test %d", d.max_prompt_tokens, train.dropped,
                 test.dropped)
-  if not train.ids:
-    raise ValueError(f"data.task={d.task!r}: no training prompt fits data.max_prompt_tokens={d.max_prompt_tokens}")
+  # An empty split is a DataError at load time (benchmarks.load_split); here every row was there but too long.
+  for name, rendered in (("training", train), ("test", test)):
+    if not rendered.ids:
+      raise ValueError(f"data.task={d.task!r}: no {name} prompt fits data.max_prompt_tokens={d.max_prompt_tokens} "
+                       f"({rendered.dropped} dropped as longer)")
   return Task(train=train, test=test, reward=reward_for(d.task, d.tooluse_strict_reward), skipped_rows=skipped,
-              tooluse_system_prompt=d.tooluse_system_prompt)
+              dropped_prompts=train.dropped + test.dropped, tooluse_system_prompt=d.tooluse_system_prompt)

@@ -649,7 +649,9 @@ class Trainer:
     summary = {M.SUMMARY_INITIAL_ACCURACY: st.initial_acc, M.SUMMARY_BEST_ACCURACY: st.best_acc,
                M.SUMMARY_FINAL_ACCURACY: st.final_acc, "steps": st.step, M.SUMMARY_WALL_TIME_S: self.clocks.wall_s(),
                M.SUMMARY_TRAIN_TIME_S: self.clocks.train_s(),
-               "algo": self.cfg.algo.name, "task": self.cfg.data.task, "skipped_data_rows": self.task.skipped_rows,
+               "algo": self.cfg.algo.name, "task": self.cfg.data.task,
+               M.SUMMARY_SKIPPED_DATA_ROWS: self.task.skipped_rows,
+               M.SUMMARY_DROPPED_PROMPTS: self.task.dropped_prompts,
                **st.counters, **M.best_within_budgets(records, self.cfg.train.time_budgets_h)}
     M.write_summary(self.cfg.run_dir, summary)
     return summary

@@ -2,7 +2,8 @@
 
 Files live under a data directory as `<task>/<split>.json` (see `resolve_data_dir`); the split files are JSON Lines
 despite their extension (one object per line, as written by HF `Dataset.to_json`). Every row is validated; a bad row
-raises `DataError` naming the file and the 1-based line number, or is skipped and counted with `on_error="skip"`.
+raises `DataError` naming the file and the 1-based line number (bytes that are not UTF-8 and JSON nested too deeply
+to decode included), or is skipped and counted with `on_error="skip"`. A split with no usable row is a `DataError`.
 Where the files come from and their hashes: `srpo_jax.data.download` and the data directory's SOURCES.md.
 """
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Split:
 
 
 class DataError(ValueError):
-  """A malformed row or file; the message starts with `path:line:`."""
+  """A malformed row (the message starts with `path:line:`) or a split with no usable rows (`path:`)."""
 
 
 class DataFileMissing(FileNotFoundError):
@@ -158,21 +159,33 @@ def parse_row(obj: object, task: str, split: str) -> Row:
              dataset=str(obj.get("dataset", "")))
 
 
+def _decode_line(raw: bytes) -> object:
+  """One line's JSON value; ValueError for bytes that are not UTF-8, bad JSON, or nesting Python cannot recurse into."""
+  try:
+    line = raw.decode("utf-8")
+  except UnicodeDecodeError as err:  # decoded per line, so one bad byte names its line and can be skipped
+    raise ValueError(f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
+  try:
+    return json.loads(line)
+  except ValueError as err:
+    raise ValueError(f"bad JSON ({err})") from None
+
+
 def read_jsonl(path: Path, task: str, split: str, on_error: OnError = "raise") -> Split:
   """Reads and validates a JSON Lines split file. Blank lines are ignored; duplicate `idx` values are errors."""
   if on_error not in ("raise", "skip"):
     raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
   rows, skipped, seen = [], [], set()
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      if not raw.strip():
         continue
       try:
         try:
-          obj = json.loads(line)
-        except ValueError as err:
-          raise ValueError(f"bad JSON ({err})") from None
-        row = parse_row(obj, task, split)
+          obj = _decode_line(raw)
+          row = parse_row(obj, task, split)
+        except RecursionError:  # json.loads (of the line or a tool-use answer) or a repr of a very deep value
+          raise ValueError("JSON nested too deeply") from None
         if row.idx in seen:
           raise ValueError(f"duplicate idx {row.idx}")
       except ValueError as err:
@@ -188,8 +201,14 @@ def read_jsonl(path: Path, task: str, split: str, on_error: OnError = "raise") -
 
 def load_split(task: str, split: str, data_dir: str | os.PathLike | None = None,
                on_error: OnError = "raise") -> Split:
-  """Loads `<task>/<split>.json` from the resolved data directory (see `resolve_data_dir`)."""
+  """Loads `<task>/<split>.json` from the resolved data directory (see `resolve_data_dir`); DataError if no row is
+  usable (an empty file, or every row skipped)."""
   path = split_path(data_dir, task, split)
   if not path.is_file():
     raise DataFileMissing(_missing_message(task, split, path))
-  return read_jsonl(path, task, split, on_error=on_error)
+  loaded = read_jsonl(path, task, split, on_error=on_error)
+  if not loaded.rows:  # never train or evaluate on nothing (an evaluation over 0 questions would report 0.0)
+    why = (f"all {len(loaded.skipped)} rows were skipped under data.on_error=skip (first: {loaded.skipped[0]})"
+           if loaded.skipped else "the file has no rows")
+    raise DataError(f"{path}: {task}/{split}: the split is empty: {why}")
+  return loaded

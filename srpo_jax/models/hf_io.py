@@ -95,6 +95,15 @@ def _variable(model: nnx.Module, path: tuple[Any, ...]) -> nnx.Variable:
 # ---------------------------------------------------------------------------------------------------------------------
 # Load
 # ---------------------------------------------------------------------------------------------------------------------
+def _safe_open(fpath: str):
+  """safe_open, with the file named in its errors (safetensors' own, e.g. "incomplete metadata", name none)."""
+  try:
+    return safe_open(fpath, framework="numpy")
+  except Exception as err:  # noqa: BLE001 - SafetensorError, OSError, ...: all mean an unreadable file
+    raise ValueError(f"{fpath}: not a readable safetensors file (truncated or corrupt?): "
+                     f"{type(err).__name__}: {err}") from None
+
+
 class _TensorIndex:
   """Tensor name -> file, for a single-file or an index-sharded checkpoint; opens each file once, lazily."""
 
@@ -102,35 +111,81 @@ class _TensorIndex:
     self.path = path
     index_path, single = os.path.join(path, INDEX_FILE), os.path.join(path, SINGLE_FILE)
     if os.path.isfile(index_path):
-      with open(index_path) as f:
-        self.where = dict(json.load(f)["weight_map"])
+      try:
+        with open(index_path, encoding="utf-8") as f:
+          weight_map = json.load(f)["weight_map"]
+        self.where = {str(k): str(v) for k, v in weight_map.items()}
+      except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{index_path}: not a safetensors index (a JSON object with a 'weight_map' object of "
+                         f"tensor name -> file): {type(err).__name__}: {err}") from None
       self.source = index_path
     elif os.path.isfile(single):
-      with safe_open(single, framework="numpy") as f:
+      with _safe_open(single) as f:
         self.where = {k: SINGLE_FILE for k in f.keys()}
       self.source = single
     else:
       raise FileNotFoundError(f"checkpoint directory {path!r} has neither {INDEX_FILE} nor {SINGLE_FILE}")
     self._open: dict[str, Any] = {}
 
+  def file_of(self, name: str) -> str:
+    return os.path.join(self.path, self.where[name])
+
   def get(self, name: str) -> np.ndarray:
     if name not in self.where:
       raise KeyError(f"tensor {name!r} is missing from checkpoint {self.source!r}")
-    fname = self.where[name]
+    fname, fpath = self.where[name], self.file_of(name)
     if fname not in self._open:
-      fpath = os.path.join(self.path, fname)
       if not os.path.isfile(fpath):
         raise FileNotFoundError(f"{self.source!r} maps tensor {name!r} to {fname!r}, which does not exist")
-      self._open[fname] = safe_open(fpath, framework="numpy")
-    return self._open[fname].get_tensor(name)
+      self._open[fname] = _safe_open(fpath)
+    try:
+      return self._open[fname].get_tensor(name)
+    except Exception as err:  # noqa: BLE001 - e.g. a tensor the index names but this file lacks, or bad bytes
+      raise ValueError(f"{fpath}: cannot read tensor {name!r}: {type(err).__name__}: {err}") from None
 
   def close(self):
     self._open.clear()
 
 
+# Tensors a file may hold that the model does not read, as transformers ignores them: RoPE's recomputed inverse
+# frequencies (older exports), and a tied model's copy of the LM head (the embedding is used).
+def _ignorable(name: str, cfg: Qwen3Config) -> bool:
+  return name.endswith(".rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name == "lm_head.weight")
+
+
+def _check_unexpected(index: _TensorIndex, cfg: Qwen3Config, wanted: set[str]) -> None:
+  """Every tensor of the checkpoint must be read: extra ones mean config.json describes a different (e.g. shallower)
+  model than the weights, which would otherwise load as a silently smaller model."""
+  extra = sorted(n for n in index.where if n not in wanted and not _ignorable(n, cfg))
+  if extra:
+    shown = ", ".join(extra[:8]) + (f", ... ({len(extra)} in all)" if len(extra) > 8 else "")
+    raise ValueError(f"checkpoint {index.source!r} has {len(extra)} tensors that the model described by its "
+                     f"config.json (num_hidden_layers={cfg.num_hidden_layers}, tie_word_embeddings="
+                     f"{cfg.tie_word_embeddings}, attention_bias={cfg.attention_bias}) does not use: {shown}")
+
+
+_FINITE_CHUNK = 1 << 24  # elements per isfinite pass: bounds the temporary mask, whatever the tensor's size
+
+
+def _check_values(name: str, x: np.ndarray, fpath: str) -> None:
+  """A weight must be floating point and finite (a NaN/inf weight poisons every forward and update)."""
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{fpath}: tensor {name!r} has dtype {x.dtype}; weights must be floating point "
+                     "(a quantized checkpoint is not supported)")
+  flat = x.reshape(-1)
+  for start in range(0, flat.size, _FINITE_CHUNK):
+    if not np.isfinite(flat[start:start + _FINITE_CHUNK]).all():
+      bad = flat[~np.isfinite(flat)]
+      raise ValueError(f"{fpath}: tensor {name!r} has {bad.size} non-finite values of {flat.size} "
+                       f"({int(np.isnan(bad).sum())} NaN, {int(np.isinf(bad).sum())} inf)")
+
+
 def load_pretrained(path: str | os.PathLike, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
                     **config_overrides) -> Qwen3:
-  """Loads an HF Qwen3 directory. `dtype` sets both parameter and compute dtype (default: the checkpoint's)."""
+  """Loads an HF Qwen3 directory. `dtype` sets both parameter and compute dtype (default: the checkpoint's).
+
+  Raises ValueError naming the file and the tensor or field for: an unreadable config.json or safetensors file, a
+  missing, misshapen, non-float or non-finite tensor, and tensors the config's model does not use."""
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
@@ -147,10 +202,15 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None, mesh: jax
     shardings = shd
   index = _TensorIndex(path)
   try:
-    for attr_path, hf_name, kind in param_table(cfg):
+    table = list(param_table(cfg))
+    _check_unexpected(index, cfg, {hf_name for _, hf_name, _ in table})
+    for attr_path, hf_name, kind in table:
       var = _variable(model, attr_path)
       expected = var.get_value()
-      x = _to_ours(kind, index.get(hf_name), cfg)
+      raw = index.get(hf_name)
+      _check_values(hf_name, raw, index.file_of(hf_name))
+      x = _to_ours(kind, raw, cfg)
+      del raw
       if tuple(x.shape) != tuple(expected.shape):
         raise ValueError(f"tensor {hf_name!r} in {index.source!r} has shape {tuple(index.get(hf_name).shape)}, "
                          f"which does not fit config.json (expected {tuple(_to_hf(kind, np.empty(expected.shape)).shape)})")

@@ -119,18 +119,22 @@ class Qwen3Config:
                          "only dense Qwen3 is supported")
     if d.get("use_sliding_window"):
       raise ValueError(f"{source}: field use_sliding_window=true is not supported (Qwen3 dense uses full attention)")
+    if d.get("hidden_act", "silu") != "silu":  # the MLP computes SwiGLU; another activation would be silently wrong
+      raise ValueError(f"{source}: field hidden_act={d['hidden_act']!r} is not supported (Qwen3's MLP is 'silu')")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in (None, "default"):
       raise ValueError(f"{source}: field rope_parameters.rope_type={rope_type!r} is not supported (only 'default')")
     # transformers 5 moved rope_theta under rope_parameters; older files keep it at the top level.
     rope_theta = rope.get("rope_theta", d.get("rope_theta", 1_000_000.0))
-    num_heads = d["num_attention_heads"]
+    size = lambda key, default=None: _positive_int_field(d, key, source, default)
+    num_heads, hidden = size("num_attention_heads"), size("hidden_size")
     kw = dict(
-        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-        num_hidden_layers=d["num_hidden_layers"], num_attention_heads=num_heads,
-        num_key_value_heads=d.get("num_key_value_heads", num_heads),
-        head_dim=d.get("head_dim") or d["hidden_size"] // num_heads, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        vocab_size=size("vocab_size"), hidden_size=hidden, intermediate_size=size("intermediate_size"),
+        num_hidden_layers=size("num_hidden_layers"), num_attention_heads=num_heads,
+        num_key_value_heads=size("num_key_value_heads", num_heads),
+        head_dim=size("head_dim", hidden // num_heads),
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
         rope_theta=float(rope_theta), tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         attention_bias=bool(d.get("attention_bias", False)),
         max_position_embeddings=d.get("max_position_embeddings", 40960),
@@ -146,8 +150,14 @@ class Qwen3Config:
     cfg_path = os.path.join(os.fspath(path), "config.json")
     if not os.path.isfile(cfg_path):
       raise FileNotFoundError(f"no config.json in checkpoint directory {os.fspath(path)!r}")
-    with open(cfg_path) as f:
-      return cls.from_hf_dict(json.load(f), source=cfg_path, **overrides)
+    try:
+      with open(cfg_path, encoding="utf-8") as f:
+        d = json.load(f)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+      raise ValueError(f"{cfg_path}: not a valid JSON file ({err})") from None
+    if not isinstance(d, dict):
+      raise ValueError(f"{cfg_path}: expected a JSON object, got {type(d).__name__}")
+    return cls.from_hf_dict(d, source=cfg_path, **overrides)
 
   def to_hf_dict(self) -> dict[str, Any]:
     """An HF config.json that transformers 5 and SGLang load as Qwen3ForCausalLM."""
@@ -177,6 +187,18 @@ class Qwen3Config:
   def q_heads_per_kv_head(self) -> int:
     """R: query heads sharing one key/value head (N = K·R)."""
     return self.num_attention_heads // self.num_key_value_heads
+
+
+def _positive_int_field(d: dict[str, Any], key: str, source: str, default: int | None = None) -> int:
+  """config.json's `key` as a positive int (`default` when absent; required when the default is None)."""
+  if key not in d or d[key] is None:
+    if default is None:
+      raise ValueError(f"{source}: missing required field {key!r}")
+    return default
+  value = d[key]
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{source}: field {key}={value!r} must be a positive integer")
+  return value
 
 
 def _first(x):
