@@ -32,11 +32,16 @@ def main(argv):
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
   from srpo_jax import plan, run
+  from srpo_jax.rollout.sglang_engine import SGLangError
   try:
     run.run(cfg, mesh=run.build_mesh(cfg))
   except plan.DoesNotFit as e:
     print(f"memory plan: {e}", file=sys.stderr)
     sys.exit(3)
+  except SGLangError as e:  # a hung, dead, foreign or misbehaving server: one line naming the URL and the cause
+    logging.getLogger("srpo_jax").debug("rollout server error", exc_info=True)
+    print(f"rollout server: {e}", file=sys.stderr)
+    sys.exit(4)
 
 
 if __name__ == "__main__":

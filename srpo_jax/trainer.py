@@ -37,7 +37,7 @@ from srpo_jax.data import prompts as prompt_lib
 from srpo_jax.evaluation import evaluate
 from srpo_jax.models import hf_io
 from srpo_jax.models.qwen3 import Qwen3, Qwen3Config, init_model
-from srpo_jax.rollout.engine import RolloutEngine, SamplingParams
+from srpo_jax.rollout.engine import RolloutEngine, RolloutInterrupted, SamplingParams
 from srpo_jax.task import Task, load_task
 from srpo_jax.train_step import (LossHParams, Prepared, TrainFns, TrainShardings, UpdateStats, make_optimizer,
                                  make_train_fns)
@@ -57,6 +57,7 @@ def seed_for(*xs: int) -> int:
 
 
 SEED_ROLLOUT, SEED_SIBLING, SEED_EVAL = 1, 2, 3  # the `purpose` of seed_for(seed, step, purpose)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # both stop a run cleanly (`Trainer._on_sigterm`)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -155,7 +156,8 @@ def eos_ids(tokenizer) -> tuple[int, ...]:
   return tuple(tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
 
 
-def build_engine(cfg: Config, graphdef, params, tokenizer, mesh) -> RolloutEngine:
+def build_engine(cfg: Config, graphdef, params, tokenizer, mesh, version: int = 0) -> RolloutEngine:
+  """The configured engine; a launched SGLang server starts from an export of `params`, tagged `version`."""
   if cfg.rollout.engine == "jax":
     from srpo_jax.rollout.jax_engine import JaxEngine
     buckets = {"prompt_buckets": cfg.rollout.length_buckets} if cfg.rollout.length_buckets else {}
@@ -170,8 +172,11 @@ def build_engine(cfg: Config, graphdef, params, tokenizer, mesh) -> RolloutEngin
   if cfg.rollout.sglang_url is None:
     export_fn(params, first)
   python = {"python": cfg.rollout.sglang_python} if cfg.rollout.sglang_python else {}
-  return SGLangEngine(first, url=cfg.rollout.sglang_url, server_args=list(cfg.rollout.sglang_args),
-                      export_fn=export_fn, run_dir=cfg.run_dir, **python)
+  r = cfg.rollout
+  return SGLangEngine(first, url=r.sglang_url, server_args=list(r.sglang_args), export_fn=export_fn,
+                      run_dir=cfg.run_dir, initial_version=version, vocab_size=int(params["embed"].shape[0]),
+                      request_deadline_s=r.request_deadline_s, health_timeout_s=r.health_timeout_s,
+                      max_retries=r.request_retries, **python)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -508,13 +513,17 @@ class Trainer:
     self.state = TrainState(params=params, opt_state=opt_state, teacher=jax.tree.map(jnp.copy, params))
     self.fns = make_train_fns(self.graphdef, self.optimizer, LossHParams.from_config(cfg), shardings)
     wall_s, train_s = self._restore(latest) if cfg.resume and latest is not None else (0.0, 0.0)
-    self.engine = engine or build_engine(cfg, self.graphdef, self.state.params, self.tokenizer, mesh)
-    if engine is not None:
-      engine.update_weights(self.state.params, self.state.step)
+    self.engine = engine or build_engine(cfg, self.graphdef, self.state.params, self.tokenizer, mesh,
+                                         version=self.state.step)
+    try:  # Before the run's first rollout (fresh or resumed): the engine holds exactly these weights, and says so.
+      self.engine.ensure_weights(self.state.params, self.state.step)
+    except BaseException:
+      self.engine.close()
+      raise
     self.metrics = M.MetricsWriter(cfg.run_dir, resume_step=self.state.step if cfg.resume else None,
                                    time_offset_s=wall_s)
     self.clocks = Clocks(wall_offset_s=wall_s, train_offset_s=train_s)
-    self._stop_requested = False
+    self._stop_requested, self._stop_signal = False, None
 
   # Read-only views kept for callers (tests, bench) that look at the arrays.
   params = property(lambda self: self.state.params)
@@ -542,14 +551,16 @@ class Trainer:
     """The stages in order; updates `self.state` (step counter excluded) and returns the step's metrics."""
     cfg, task, st = self.cfg, self.task, self.state
     t0 = time.perf_counter()
-    # The lr of this training step, for all of its optimizer steps (the schedule counts training steps).
-    st.opt_state = set_lr(st.opt_state, float(self.schedule(step)))
     r = cfg.rollout
     sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k, seed=seed_for(cfg.seed, step, SEED_ROLLOUT))
     rows = prompt_rows(len(task.train.ids), r.prompts_per_step, step, cfg.seed, cfg.data.shuffle)
+    # Rollouts before any change to the state: a stop while waiting on them (RolloutInterrupted) leaves the state
+    # exactly as the last completed step left it, which is what then gets checkpointed.
     ro = collect_rollouts(self.engine, task.train.ids, rows, self.tokenizer, sampling, r.n)
     t1 = time.perf_counter()
+    # The lr of this training step, for all of its optimizer steps (the schedule counts training steps).
+    st.opt_state = set_lr(st.opt_state, float(self.schedule(step)))
     sc = score_and_route(ro, [row.answer for row in task.train.rows], task.reward, cfg.algo,
                          seed_for(cfg.seed, step, SEED_SIBLING))
     t2 = time.perf_counter()
@@ -565,7 +576,10 @@ class Trainer:
     t4 = time.perf_counter()
     # EMA teacher after all optimizer steps of the training step (if the policy moved), then refit the engine.
     st.teacher, _ = ema_teacher(self.fns, st.teacher, st.params, stats, self.method, cfg.algo.ema_rate)
-    self.engine.update_weights(st.params, step + 1)
+    try:
+      self.engine.update_weights(st.params, step + 1)
+    except RolloutInterrupted:  # The step is complete; the next run pushes these weights before its first rollout.
+      log.warning("stop requested during the refit after step %d; the step is kept", step + 1)
     t5 = time.perf_counter()
     finite = all(bool(s.finite) for s in stats)
     st.counters["teacher_truncated"] += tp.truncated
@@ -589,20 +603,27 @@ class Trainer:
   # -- the loop ------------------------------------------------------------------------------------------------------
   def run(self) -> dict[str, Any]:
     cfg, st = self.cfg, self.state
-    prev = signal.signal(signal.SIGTERM, self._on_sigterm)
+    prev = {sig: signal.signal(sig, self._on_sigterm) for sig in STOP_SIGNALS}
     progress = M.Progress(cfg.train.steps, initial_step=st.step, log_every=cfg.train.log_every)
     try:
       if st.step == 0 and cfg.eval.at_start and st.initial_acc is None:
-        with self.clocks.excluded():  # evaluation is not training time
-          ev = self.evaluate(0)
-        st.initial_acc = st.best_acc = ev[M.EVAL_ACCURACY]
-        self._write(0, ev)
-        progress.update(0, ev)
+        ev = None
+        with self.clocks.excluded(), contextlib.suppress(RolloutInterrupted):  # evaluation is not training time
+          ev = self.evaluate(0)  # (a stop during it: no initial accuracy yet; a resume evaluates again)
+        if ev is not None:
+          st.initial_acc = st.best_acc = ev[M.EVAL_ACCURACY]
+          self._write(0, ev)
+          progress.update(0, ev)
       while st.step < cfg.train.steps and not self._stop_requested:
         if cfg.train.max_wall_time_h and self.clocks.train_s() > cfg.train.max_wall_time_h * 3600:
           log.info("training-time budget of %.2f h reached", cfg.train.max_wall_time_h)
           break
-        out = self.train_step(st.step)
+        try:
+          out = self.train_step(st.step)
+        except RolloutInterrupted:  # stopped while waiting on the rollouts: the step is dropped, the state untouched
+          if not self._stop_requested:
+            raise
+          break
         st.step += 1
         if st.nonfinite_in_row >= cfg.train.max_nonfinite_in_row:
           raise TrainingAborted(
@@ -610,8 +631,9 @@ class Trainer:
               f"{cfg.train.max_nonfinite_in_row}); stopping. The last good checkpoint is "
               f"{self.checkpointer.latest_step()} in {cfg.checkpoint_dir}")
         last = st.step == cfg.train.steps
-        if (cfg.eval.every_steps and st.step % cfg.eval.every_steps == 0) or last:
-          with self.clocks.excluded():  # evaluation (and the best-model export it triggers) is not training time
+        if ((cfg.eval.every_steps and st.step % cfg.eval.every_steps == 0) or last) and not self._stop_requested:
+          # evaluation (and the best-model export it triggers) is not training time; a stop during it: no eval record
+          with self.clocks.excluded(), contextlib.suppress(RolloutInterrupted):
             out.update(self.evaluate(st.step))
             st.final_acc = out[M.EVAL_ACCURACY]
             if st.best_acc is None or st.final_acc > st.best_acc:
@@ -623,14 +645,15 @@ class Trainer:
         if st.step % cfg.checkpoint.every_steps == 0 or last:
           self.save()
       if self._stop_requested:
-        log.warning("SIGTERM: saving checkpoint at step %d and exiting", st.step)
+        log.warning("%s: saving checkpoint at step %d and exiting", self._stop_signal, st.step)
         self.save()
       elif cfg.checkpoint.export_hf:
         self.export(os.path.join(cfg.run_dir, "hf_final"))
       return self.write_summary()
     finally:
       progress.close()
-      signal.signal(signal.SIGTERM, prev)
+      for sig, handler in prev.items():
+        signal.signal(sig, handler)
       self.close()
 
   def _write(self, step: int, out: dict[str, Any]) -> None:
@@ -638,7 +661,16 @@ class Trainer:
     self.metrics.write(step, {**out, M.TIME_WALL_S: self.clocks.wall_s()}, time_s=self.clocks.train_s())
 
   def _on_sigterm(self, signum, frame):
-    self._stop_requested = True
+    """SIGTERM and SIGINT: stop after the current step, or at once while waiting on the rollout engine (its waits
+    poll the flag); the last completed step is checkpointed and the engine's server closed. It only sets flags:
+    raising here (Python's KeyboardInterrupt) would land inside whatever runs, e.g. an XLA compile, and crash."""
+    name = signal.Signals(signum).name
+    if self._stop_requested:
+      log.warning("%s: already stopping at the end of the current step (SIGKILL forces it)", name)
+    else:
+      log.warning("%s: stopping; the last completed step will be checkpointed", name)
+    self._stop_requested, self._stop_signal = True, name
+    self.engine.interrupt()
 
   def export(self, path: str):
     hf_io.save_pretrained(nnx.merge(self.graphdef, self.state.params), path, tokenizer=self.tokenizer)
