@@ -133,8 +133,21 @@ def test_skipped_and_dropped_rows_are_counted_and_logged(tmp_path, tokenizer, ca
   assert [r.idx for r in task.train.rows] == [1, 3] and [r.idx for r in task.test.rows] == [10]
   assert "skipped 1 malformed rows" in caplog.text and "skipped 2 malformed rows" in caplog.text
   assert "train 1, test 0" in caplog.text
-  # The summary keys are constants (the trainer writes both).
-  assert (M.SUMMARY_SKIPPED_DATA_ROWS, M.SUMMARY_DROPPED_PROMPTS) == ("skipped_data_rows", "dropped_long_prompts")
+
+
+def test_summary_reports_skipped_and_dropped_rows(tmp_path, tokenizer):
+  import dataclasses
+  from srpo_jax import trainer as trainer_lib
+  from tests.e2e_utils import fast_config
+  cfg = fast_config(tmp_path)
+  task = dataclasses.replace(task_lib.load_task(cfg, tokenizer), skipped_rows=3, dropped_prompts=2)
+  tr = trainer_lib.Trainer(cfg, tokenizer=tokenizer, task=task)
+  try:
+    tr.write_summary()
+  finally:
+    tr.close()
+  saved = json.loads((tmp_path / M.SUMMARY_FILE).read_text())
+  assert (saved[M.SUMMARY_SKIPPED_DATA_ROWS], saved[M.SUMMARY_DROPPED_PROMPTS]) == (3, 2)
 
 
 def test_evaluate_refuses_an_empty_test_set():
