@@ -92,6 +92,16 @@ def test_split_whose_rows_are_all_skipped_is_an_error(tmp_path):
   assert f"(first: {path}:1: physics/test: 'answer' must be one of" in msg
 
 
+def test_stats_cli_reports_a_bad_split_and_goes_on(tmp_path, capsys):
+  from srpo_jax.data import stats
+  write_split(tmp_path, "physics", "train", [mcq(), mcq(idx=2)])
+  path = write_split(tmp_path, "physics", "test", [])
+  assert stats.main(["--data-dir", str(tmp_path), "--tasks", "physics"]) == 0
+  out = capsys.readouterr().out
+  assert f"physics/test       error: {path}: physics/test: the split is empty" in out
+  assert any(line.startswith("physics/train") and line.split()[1] == "2" for line in out.splitlines())
+
+
 def _cfg(data_dir: Path, **data):
   spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
   module = importlib.util.module_from_spec(spec)

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from srpo_jax.data.benchmarks import SPLITS, TASKS, DataFileMissing, load_split, resolve_data_dir
+from srpo_jax.data.benchmarks import SPLITS, TASKS, DataError, DataFileMissing, load_split, resolve_data_dir
 from srpo_jax.data.prompts import build_messages, encode_text, render_messages
 
 PERCENTILES = (50, 90, 99)
@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = load_split(task, split, args.data_dir).rows
       except DataFileMissing:
         print(f"{task + '/' + split:18s} missing (python -m srpo_jax.data.download)")
+        continue
+      except DataError as err:  # a malformed row or an empty split: say which, then the other splits
+        print(f"{task + '/' + split:18s} error: {err}")
         continue
       s = summarize(prompt_lengths(rows, tokenizer, args.tooluse_system_prompt), args.max_prompt_tokens)
       print(f"{task + '/' + split:18s} {s['rows']:6d} {s['p50']:7.0f} {s['p90']:7.0f} {s['p99']:7.0f} "
