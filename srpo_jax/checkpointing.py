@@ -6,11 +6,11 @@ saves the step, the data position, counters, accuracies, the seed, wall time and
 `<dir>/<step>/integrity.json` (the step and the size and SHA-256 of every file written). No RNG state is saved: the
 trainer's randomness is a function of (seed, step), so a resumed run redraws the same numbers.
 
-Saves are synchronous and atomic: orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>`
-once everything is on disk; then the integrity record is written (temporary name, renamed). A checkpoint is
-*committed* only when its integrity record exists: a crash at any point leaves the previous step as the newest intact
-one (an unfinished temporary directory is removed when the next `Checkpointer` opens the directory; a step directory
-without its record is reported and set aside). Nothing that is not finite is ever written (`save` checks every
+Saves are synchronous and atomic: orbax writes into `<step>.orbax-checkpoint-tmp-*`, the integrity record is
+written into it once everything else is on disk, and it is renamed to `<step>` (`_RenameWithIntegrity`). A crash at
+any point leaves the previous step as the newest one; the unfinished temporary directory is removed when the next
+`Checkpointer` opens the directory. A step directory without its record (an interrupted copy, another writer) is
+reported and set aside at restore. Nothing that is not finite is ever written (`save` checks every
 floating leaf first), and a save that would not fit on the disk is refused before anything is written.
 
     ckpt = Checkpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
@@ -26,6 +26,7 @@ corrupt ones aside to `<dir>.bad/` (kept for inspection, out of the way of the r
 """
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import errno
 import fcntl
@@ -43,12 +44,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint._src.path import atomicity
 
 PyTree = Any
 log = logging.getLogger("srpo_jax")
 
 INTEGRITY_FILE = "integrity.json"
 INTEGRITY_VERSION = 1
+# Written by orbax's finalize after the record (a commit marker and a timestamp: no state); not in the record.
+_FINALIZE_FILES = frozenset({"commit_success.txt", "_CHECKPOINT_METADATA"})
 LOCK_FILE = ".lock"
 
 
@@ -83,8 +87,8 @@ class Restored(NamedTuple):
 class Checkpointer:
   """Keeps the last `keep` step checkpoints under `directory`; save/restore a (state pytree, JSON meta) pair.
 
-  Every process of a multi-host run must call save/restore (orbax coordinates the writes; process 0 writes the
-  integrity record and moves corrupt checkpoints aside).
+  Every process of a multi-host run must call save/restore (orbax coordinates the writes; the primary host writes
+  the integrity record in orbax's finalize, process 0 moves corrupt checkpoints aside).
   """
 
   def __init__(self, directory: str | os.PathLike, keep: int = 3):
@@ -97,6 +101,7 @@ class Checkpointer:
         enable_async_checkpointing=False,  # The trainer saves between steps; simple beats overlapped here.
         create=True,
         cleanup_tmp_directories=True,  # Remove the leftovers of a save that crashed before its final rename.
+        temporary_path_class=_RenameWithIntegrity,  # the record goes in before the step directory appears
     )
     # Naming the item handlers lets a fresh manager (a resumed process) read item metadata before any restore.
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
@@ -138,13 +143,11 @@ class Checkpointer:
     try:
       saved = self._mgr.save(step, args=args, force=force)
       self._mgr.wait_until_finished()
-      if saved and jax.process_index() == 0:
-        _write_integrity(self.step_dir(step), step)
     except Exception as e:  # noqa: BLE001 - re-raised; a full disk gets one clear line instead of orbax's chain
-      if os.path.isdir(self.step_dir(step)) and not _has_integrity(self.step_dir(step)):
-        shutil.rmtree(self.step_dir(step), ignore_errors=True)  # renamed into place, record not written: drop it
-        self._mgr.reload()
       if _is_no_space(e):
+        for name in os.listdir(self.directory):  # give the space back: orbax's unfinished temporary directory
+          if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+            shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
         raise CheckpointError(f"{self.step_dir(step)}: No space left on device while saving checkpoint {step} "
                               f"({_free_gb(self.directory)} free); the previous checkpoints are kept (newest: "
                               f"{self.latest_step()})") from None
@@ -168,8 +171,8 @@ class Checkpointer:
     path = os.path.join(step_dir, INTEGRITY_FILE)
     if not os.path.isfile(path):
       what = "an empty directory" if os.path.isdir(step_dir) and not os.listdir(step_dir) else "no integrity record"
-      raise CorruptCheckpoint(f"checkpoint {step_dir!r}: {what} ({INTEGRITY_FILE} missing: the save did not "
-                              "finish, or the directory was not written by this trainer)")
+      raise CorruptCheckpoint(f"checkpoint {step_dir!r}: {what} ({INTEGRITY_FILE} missing: an interrupted copy, "
+                              "or a directory not written by this version of the trainer)")
     try:
       with open(path) as f:
         record = json.load(f)
@@ -302,7 +305,7 @@ def _files_under(root: str) -> list[str]:
   out = []
   for d, _, names in os.walk(root):
     out += [os.path.relpath(os.path.join(d, n), root) for n in names]
-  return sorted(r for r in out if r != INTEGRITY_FILE)
+  return sorted(r for r in out if r != INTEGRITY_FILE and r not in _FINALIZE_FILES)
 
 
 def _digest(path: str) -> dict[str, Any]:
@@ -321,8 +324,16 @@ def _digests(root: str, rels: list[str]) -> dict[str, dict[str, Any]]:
     return dict(zip(rels, pool.map(lambda r: _digest(os.path.join(root, r)), rels)))
 
 
-def _has_integrity(step_dir: str) -> bool:
-  return os.path.isfile(os.path.join(step_dir, INTEGRITY_FILE))
+class _RenameWithIntegrity(atomicity.AtomicRenameTemporaryPath):
+  """Orbax's atomic rename of a step directory, with the integrity record written into the temporary directory just
+  before it is renamed: a step directory is never seen without its record (a kill at any point leaves either the
+  previous checkpoint as the newest, or the new one complete). Item directories inside pass through unchanged."""
+
+  async def finalize(self):
+    final = os.fspath(self.get_final())
+    if os.path.basename(final).isdigit():  # the step directory (its items are finalised before it)
+      await asyncio.to_thread(_write_integrity, os.fspath(self.get()), int(os.path.basename(final)))
+    await super().finalize()
 
 
 def _write_integrity(step_dir: str, step: int) -> None:

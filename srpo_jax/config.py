@@ -341,6 +341,9 @@ class CheckpointConfig:
                         check=POSITIVE)
   keep: int = _f(3, "Keep the last this many checkpoints. Convention.", POSITIVE)
   export_hf: bool = _f(True, "Also write HF directories run_dir/hf_final and run_dir/hf_best (best eval accuracy).")
+  allow_config_change: bool = _f(
+      False, "Resume even when the checkpoint's config differs in fields that change what is computed (they are "
+      "listed; without this the resume refuses). Training continues at the checkpoint's data position.")
 
 
 @dataclasses.dataclass(frozen=True)

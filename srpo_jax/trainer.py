@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -31,7 +32,8 @@ from srpo_jax import batching, metrics as M, methods, paths
 from srpo_jax.algorithms import advantages as adv_lib
 from srpo_jax.algorithms import losses, routing
 from srpo_jax.algorithms.teacher import build_teacher_prompt_ids
-from srpo_jax.checkpointing import Checkpointer
+from srpo_jax.checkpointing import (Checkpointer, ConfigChanged, CorruptCheckpoint, RunDirLock, config_changes,
+                                    require_finite)
 from srpo_jax.config import Config
 from srpo_jax.data import prompts as prompt_lib
 from srpo_jax.evaluation import evaluate
@@ -76,6 +78,7 @@ class TrainState:
   opt_state: Any  # includes the lr in use (an injected hyperparameter: `set_lr`, `current_lr`)
   teacher: nnx.State  # θ_T, the EMA self-teacher (unused by GRPO)
   step: int = 0  # training steps done
+  data_position: int = 0  # training prompts consumed (the next step reads from here: `prompt_rows`)
   nonfinite_in_row: int = 0
   counters: dict[str, int] = dataclasses.field(default_factory=default_counters)
   best_acc: Optional[float] = None
@@ -85,17 +88,53 @@ class TrainState:
   def arrays(self) -> dict[str, Any]:
     return {"params": self.params, "opt_state": self.opt_state, "teacher": self.teacher}
 
-  def meta(self, *, wall_time_s: float, train_time_s: float, seed: int, prompts_per_step: int) -> dict[str, Any]:
-    """The JSON half of a checkpoint; both clocks (`Clocks`) are carried so a resumed run continues them."""
-    return {"step": self.step, "data_position": self.step * prompts_per_step, "nonfinite_in_row": self.nonfinite_in_row,
+  def meta(self, *, wall_time_s: float, train_time_s: float, seed: int, config: dict[str, Any]) -> dict[str, Any]:
+    """The JSON half of a checkpoint; both clocks (`Clocks`) are carried so a resumed run continues them, and the
+    config (`Config.to_dict()`) so a resume can check its own against it."""
+    return {"step": self.step, "data_position": self.data_position, "nonfinite_in_row": self.nonfinite_in_row,
             "counters": self.counters, "best_acc": self.best_acc, "initial_acc": self.initial_acc,
-            "final_acc": self.final_acc, "wall_time_s": wall_time_s, "train_time_s": train_time_s, "seed": seed}
+            "final_acc": self.final_acc, "wall_time_s": wall_time_s, "train_time_s": train_time_s, "seed": seed,
+            "config": config}
 
   @classmethod
   def from_checkpoint(cls, arrays: dict[str, Any], meta: dict[str, Any]) -> "TrainState":
+    """The state of a checkpoint whose meta passed `validate_meta`."""
     return cls(params=arrays["params"], opt_state=arrays["opt_state"], teacher=arrays["teacher"], step=meta["step"],
-               nonfinite_in_row=meta["nonfinite_in_row"], counters={**default_counters(), **meta["counters"]},
-               best_acc=meta["best_acc"], initial_acc=meta["initial_acc"], final_acc=meta["final_acc"])
+               data_position=meta["data_position"], nonfinite_in_row=meta["nonfinite_in_row"],
+               counters={**default_counters(), **meta["counters"]}, best_acc=meta["best_acc"],
+               initial_acc=meta["initial_acc"], final_acc=meta["final_acc"])
+
+
+def validate_meta(meta: dict[str, Any], step: int, where: str) -> None:
+  """Raises CorruptCheckpoint naming `where` and the key of a meta record `TrainState.from_checkpoint` cannot use:
+  a key missing or of the wrong type, a step other than its directory's, a non-finite accuracy or clock."""
+  def bad(key: str, why: str):
+    raise CorruptCheckpoint(f"checkpoint {where!r}: meta.{key}{why}")
+
+  missing = [k for k in ("step", "data_position", "nonfinite_in_row", "counters", "best_acc", "initial_acc",
+                         "final_acc", "wall_time_s", "train_time_s", "seed", "config") if k not in meta]
+  if missing:
+    bad(missing[0], f" is missing ({len(missing)} missing: {missing})")
+  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+  is_real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+  for key in ("step", "data_position", "nonfinite_in_row"):
+    if not (is_int(meta[key]) and meta[key] >= 0):
+      bad(key, f"={meta[key]!r} is not a non-negative integer")
+  if meta["step"] != step:
+    bad("step", f"={meta['step']} disagrees with its directory (step {step}): resuming would replay or skip steps")
+  if not is_int(meta["seed"]):
+    bad("seed", f"={meta['seed']!r} is not an integer")
+  counters = meta["counters"]
+  if not isinstance(counters, dict) or not all(is_int(v) and v >= 0 for v in counters.values()):
+    bad("counters", f"={counters!r} is not an object of non-negative integers")
+  for key in ("best_acc", "initial_acc", "final_acc"):
+    if meta[key] is not None and not is_real(meta[key]):
+      bad(key, f"={meta[key]!r} is neither null nor a finite number")
+  for key in ("wall_time_s", "train_time_s"):
+    if not (is_real(meta[key]) and meta[key] >= 0):
+      bad(key, f"={meta[key]!r} is not a finite number of seconds >= 0")
+  if not isinstance(meta["config"], dict):
+    bad("config", f" is a {type(meta['config']).__name__}, not an object")
 
 
 class Clocks:
@@ -193,10 +232,13 @@ class Rollouts:
   group_ids: np.ndarray
 
 
-def prompt_rows(num_prompts: int, per_step: int, step: int, seed: int, shuffle: bool = True) -> list[int]:
-  """The step's prompts: an epoch-wise permutation seeded by (seed, epoch), read at position step × per_step."""
+def prompt_rows(num_prompts: int, per_step: int, step: int, seed: int, shuffle: bool = True,
+                start: Optional[int] = None) -> list[int]:
+  """The step's prompts: an epoch-wise permutation seeded by (seed, epoch), read at position `start` (the data
+  position: prompts consumed so far; default step × per_step, which it equals unless a resume changed per_step)."""
+  start = step * per_step if start is None else start
   rows = []
-  for pos in range(step * per_step, (step + 1) * per_step):
+  for pos in range(start, start + per_step):
     epoch, k = divmod(pos, num_prompts)
     order = np.random.default_rng([seed, epoch]).permutation(num_prompts) if shuffle else np.arange(num_prompts)
     rows.append(int(order[k]))
@@ -487,6 +529,10 @@ class Trainer:
     self.tokenizer = tokenizer or load_tokenizer(cfg.tokenizer.path)
     self.pad = self.tokenizer.pad_token_id
     self.task = task or load_task(cfg, self.tokenizer)
+    # One run per run_dir (process 0 of a multi-host run holds the lock); then what a killed run left is ours.
+    self._lock = RunDirLock(cfg.run_dir) if jax.process_index() == 0 else None
+    for leftover in hf_io.remove_export_leftovers(cfg.run_dir, os.path.join(cfg.run_dir, "weights")):
+      log.warning("removed %s, left by an interrupted HF export", leftover)
     self.checkpointer = Checkpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
     latest = self.checkpointer.latest_step()
     if latest is not None and not cfg.resume:
@@ -512,7 +558,7 @@ class Trainer:
       opt_state = jax.device_put(opt_state, shardings.opt_state)
     self.state = TrainState(params=params, opt_state=opt_state, teacher=jax.tree.map(jnp.copy, params))
     self.fns = make_train_fns(self.graphdef, self.optimizer, LossHParams.from_config(cfg), shardings)
-    wall_s, train_s = self._restore(latest) if cfg.resume and latest is not None else (0.0, 0.0)
+    wall_s, train_s = self._restore() if cfg.resume and latest is not None else (0.0, 0.0)
     self.engine = engine or build_engine(cfg, self.graphdef, self.state.params, self.tokenizer, mesh,
                                          version=self.state.step)
     try:  # Before the run's first rollout (fresh or resumed): the engine holds exactly these weights, and says so.
@@ -520,7 +566,8 @@ class Trainer:
     except BaseException:
       self.engine.close()
       raise
-    self.metrics = M.MetricsWriter(cfg.run_dir, resume_step=self.state.step if cfg.resume else None,
+    # Without a checkpoint a resume starts afresh: a killed run's step-0 evaluation is dropped, not appended to.
+    self.metrics = M.MetricsWriter(cfg.run_dir, resume_step=self.state.step if latest is not None else None,
                                    time_offset_s=wall_s)
     self.clocks = Clocks(wall_offset_s=wall_s, train_offset_s=train_s)
     self._stop_requested, self._stop_signal = False, None
@@ -532,19 +579,36 @@ class Trainer:
 
   # -- checkpoint state --------------------------------------------------------------------------------------------
   def save(self):
+    """Checkpoints the state (`Checkpointer.save` refuses NaN/inf, naming the leaf, and keeps the previous ones)."""
     meta = self.state.meta(wall_time_s=self.clocks.wall_s(), train_time_s=self.clocks.train_s(), seed=self.cfg.seed,
-                           prompts_per_step=self.cfg.rollout.prompts_per_step)
+                           config=self.cfg.to_dict())
     self.checkpointer.save(self.state.step, self.state.arrays(), meta)
 
-  def _restore(self, step: int) -> tuple[float, float]:
-    """Loads checkpoint `step` into `self.state`; returns the two clocks' values then (wall, training)."""
+  def _restore(self) -> tuple[float, float]:
+    """Loads the newest intact checkpoint whose config matches into `self.state` (a corrupt newer one is reported by
+    path and set aside); returns the two clocks' values then (wall, training)."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             self.state.arrays())
-    arrays, meta = self.checkpointer.restore(step, abstract)
-    self.state = TrainState.from_checkpoint(arrays, meta)
-    log.info("resumed from checkpoint step %d", step)
-    wall = float(meta["wall_time_s"])
-    return wall, float(meta.get("train_time_s", wall))  # checkpoints from before the training clock: the wall clock
+    found = self.checkpointer.restore_newest_intact(abstract, check_meta=self._check_resume_meta)
+    self.state = TrainState.from_checkpoint(found.state, found.meta)
+    log.info("resumed from checkpoint step %d (%s)", found.step, self.checkpointer.step_dir(found.step))
+    return float(found.meta["wall_time_s"]), float(found.meta["train_time_s"])
+
+  def _check_resume_meta(self, step: int, meta: dict[str, Any]) -> None:
+    """A usable meta record (else CorruptCheckpoint: the next older checkpoint is tried) made with this config, but
+    for fields that change nothing computed (else ConfigChanged, unless checkpoint.allow_config_change)."""
+    where = self.checkpointer.step_dir(step)
+    validate_meta(meta, step, where)
+    changes = config_changes(meta["config"], self.cfg.to_dict())
+    if not changes:
+      return
+    listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
+    if not self.cfg.checkpoint.allow_config_change:
+      raise ConfigChanged(f"resume: checkpoint {where!r} was made with a different config in {len(changes)} "
+                          f"field(s) that change what is computed: {listed}. Resume with the checkpoint's values, or "
+                          "pass --config.checkpoint.allow_config_change=true to continue with the new ones")
+    log.warning("resume with a changed config (checkpoint.allow_config_change): %s; training continues at data "
+                "position %d", listed, meta["data_position"])
 
   # -- one training step -------------------------------------------------------------------------------------------
   def train_step(self, step: int) -> dict[str, float]:
@@ -554,11 +618,13 @@ class Trainer:
     r = cfg.rollout
     sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                               top_k=r.top_k, seed=seed_for(cfg.seed, step, SEED_ROLLOUT))
-    rows = prompt_rows(len(task.train.ids), r.prompts_per_step, step, cfg.seed, cfg.data.shuffle)
+    rows = prompt_rows(len(task.train.ids), r.prompts_per_step, step, cfg.seed, cfg.data.shuffle,
+                       start=st.data_position)
     # Rollouts before any change to the state: a stop while waiting on them (RolloutInterrupted) leaves the state
     # exactly as the last completed step left it, which is what then gets checkpointed.
     ro = collect_rollouts(self.engine, task.train.ids, rows, self.tokenizer, sampling, r.n)
     t1 = time.perf_counter()
+    st.data_position += r.prompts_per_step
     # The lr of this training step, for all of its optimizer steps (the schedule counts training steps).
     st.opt_state = set_lr(st.opt_state, float(self.schedule(step)))
     sc = score_and_route(ro, [row.answer for row in task.train.rows], task.reward, cfg.algo,
@@ -574,6 +640,10 @@ class Trainer:
     st.params, st.opt_state, stats, padding = run_updates(self.fns, st, batch, prep, sc, tp.ids, ro.responses, cfg,
                                                           self.pad, self.row_shards)
     t4 = time.perf_counter()
+    # Nothing non-finite reaches the teacher, the rollout engine or (later) a checkpoint.
+    require_finite({"params": st.params}, f"training step {step}: the parameters after the update are not finite "
+                   f"(not EMA'd, not sent to the rollout engine, not saved); the last good checkpoint is "
+                   f"{self.checkpointer.latest_step()} in {cfg.checkpoint_dir}")
     # EMA teacher after all optimizer steps of the training step (if the policy moved), then refit the engine.
     st.teacher, _ = ema_teacher(self.fns, st.teacher, st.params, stats, self.method, cfg.algo.ema_rate)
     try:
@@ -597,8 +667,14 @@ class Trainer:
     return out
 
   def evaluate(self, step: int) -> dict[str, float]:
-    return evaluate(self.engine, self.task, self.tokenizer, self.cfg.eval, self.cfg.eval_max_new_tokens,
-                    seed_for(self.cfg.seed, step, SEED_EVAL))
+    ev = evaluate(self.engine, self.task, self.tokenizer, self.cfg.eval, self.cfg.eval_max_new_tokens,
+                  seed_for(self.cfg.seed, step, SEED_EVAL))
+    acc = ev[M.EVAL_ACCURACY]
+    if not math.isfinite(acc):  # it would become best_acc, then an invalid checkpoint meta record
+      reward = getattr(self.task.reward, "__qualname__", repr(self.task.reward))
+      raise ValueError(f"evaluation at step {step}: the reward {reward} of data.task={self.cfg.data.task!r} returned "
+                       f"non-finite values (eval accuracy = mean reward = {acc}); rewards must be finite numbers")
+    return ev
 
   # -- the loop ------------------------------------------------------------------------------------------------------
   def run(self) -> dict[str, Any]:
@@ -673,6 +749,7 @@ class Trainer:
     self.engine.interrupt()
 
   def export(self, path: str):
+    require_finite({"params": self.state.params}, f"refusing to export {path} at step {self.state.step}")
     hf_io.save_pretrained(nnx.merge(self.graphdef, self.state.params), path, tokenizer=self.tokenizer)
 
   def write_summary(self) -> dict[str, Any]:
@@ -689,7 +766,8 @@ class Trainer:
     return summary
 
   def close(self):
-    for closer in (self.metrics.close, self.engine.close, self.checkpointer.close):
+    for closer in (self.metrics.close, self.engine.close, self.checkpointer.close,
+                   *([self._lock.release] if self._lock is not None else [])):
       try:
         closer()
       except Exception:  # noqa: BLE001 - closing must not mask the original error

@@ -92,7 +92,7 @@ def test_unreadable_newest_falls_back_by_path(tmp_path, damage):
     os.makedirs(ck.step_dir(7))
     step2 = ck.step_dir(7)
     want = "an empty directory"
-  elif damage == "no_record":  # killed between orbax's final rename and the integrity record
+  elif damage == "no_record":  # a directory from another writer (or a version before integrity records)
     os.remove(os.path.join(step2, C.INTEGRITY_FILE))
     want = "no integrity record"
   else:  # a checkpoint directory copied under another step's name
@@ -144,8 +144,11 @@ def test_integrity_record_lists_every_file_with_size_and_sha256(tmp_path):
   record = json.load(open(os.path.join(ck.step_dir(3), C.INTEGRITY_FILE)))
   assert record["step"] == 3 and record["version"] == C.INTEGRITY_VERSION
   on_disk = sorted(os.path.relpath(os.path.join(d, n), ck.step_dir(3)) for d, _, ns in os.walk(ck.step_dir(3))
-                   for n in ns if n != C.INTEGRITY_FILE)
-  assert sorted(record["files"]) == on_disk and any(f.startswith("meta/") for f in on_disk)
+                   for n in ns)
+  # All but the record itself and orbax's top-level commit marker and timestamp (written after it, no state).
+  assert sorted(record["files"]) == [f for f in on_disk if f not in (C.INTEGRITY_FILE, "commit_success.txt",
+                                                                      "_CHECKPOINT_METADATA")]
+  assert any(f.startswith("meta/") for f in record["files"]) and any(f.startswith("state/") for f in record["files"])
   assert all(len(v["sha256"]) == 64 and v["size"] >= 0 for v in record["files"].values())
   ck.verify(3)  # intact
 
@@ -193,6 +196,7 @@ def test_disk_full_during_the_write_is_one_clear_line(tmp_path, monkeypatch):
   ck = _saved(tmp_path, steps=(1,))
 
   def full_disk(step, args, force=False):  # as tensorstore reports it, deep inside orbax's chain
+    os.makedirs(os.path.join(ck.directory, f"{step}.orbax-checkpoint-tmp-123", "state"))
     try:
       raise OSError(errno.ENOSPC, "No space left on device")
     except OSError as inner:
@@ -203,6 +207,7 @@ def test_disk_full_during_the_write_is_one_clear_line(tmp_path, monkeypatch):
   msg = str(e.value)
   assert len(msg.splitlines()) == 1 and e.value.__cause__ is None and e.value.__suppress_context__
   assert msg.startswith(f"{ck.step_dir(2)}: No space left on device while saving checkpoint 2")
+  assert os.listdir(ck.directory) == ["1"]  # the unfinished write's space is given back
   monkeypatch.undo()
   assert ck.restore_newest_intact(_abstract()).step == 1
 
@@ -273,3 +278,36 @@ def test_resume_safe_fields_are_real_config_fields():
   real = set(C._flatten(fast_config("/tmp/a").to_dict()))
   assert C.RESUME_SAFE_FIELDS <= real, sorted(C.RESUME_SAFE_FIELDS - real)
   assert "checkpoint.allow_config_change" in config_lib.field_docs()
+
+
+_KILL_AT_RENAME = textwrap.dedent("""
+    import os, sys
+    import jax.numpy as jnp
+    from orbax.checkpoint._src.path import atomicity
+    from srpo_jax.checkpointing import Checkpointer, INTEGRITY_FILE
+
+    ck = Checkpointer(sys.argv[1], keep=3)
+    ck.save(1, {"w": jnp.full((4, 4), 1.0)}, {"step": 1})
+    real = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def rename_then_die(self, *a, **k):  # the step directory appears, then the process dies
+      await real(self, *a, **k)
+      if os.path.basename(os.fspath(self.get_final())).isdigit():
+        assert os.path.isfile(os.path.join(os.fspath(self.get_final()), INTEGRITY_FILE))
+        os._exit(17)
+    atomicity.AtomicRenameTemporaryPath.finalize = rename_then_die
+    ck.save(2, {"w": jnp.full((4, 4), 2.0)}, {"step": 2})
+""")
+
+
+def test_a_step_directory_never_appears_without_its_record(tmp_path):
+  """The record is written inside orbax's temporary directory before the rename: a kill right after the step
+  directory appears leaves a complete, verifiable checkpoint."""
+  directory = str(tmp_path / "ck")
+  proc = subprocess.run([sys.executable, "-c", _KILL_AT_RENAME, directory], capture_output=True, text=True,
+                        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 17, proc.stderr[-2000:]
+  ck = Checkpointer(directory)
+  ck.verify(2)
+  state, meta = ck.restore(2, {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32)})
+  assert meta == {"step": 2} and float(state["w"][0, 0]) == 2.0

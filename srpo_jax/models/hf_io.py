@@ -29,6 +29,7 @@ from srpo_jax.models.qwen3 import Qwen3, Qwen3Config, as_dtype
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
+EXPORT_TMP_PREFIXES = (".tmp-export-", ".tmp-old-")  # save_pretrained's temporary dirs (beside the target)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -229,6 +230,21 @@ def load_pretrained(path: str | os.PathLike, dtype: str | None = None, mesh: jax
 # ---------------------------------------------------------------------------------------------------------------------
 # Export
 # ---------------------------------------------------------------------------------------------------------------------
+def remove_export_leftovers(*directories: str | os.PathLike) -> list[str]:
+  """Deletes the temporary directories an interrupted `save_pretrained` left in `directories` (the parents of its
+  targets); returns their paths. Only for a directory no export is writing to (the trainer holds the run lock)."""
+  removed = []
+  for d in directories:
+    if not os.path.isdir(d):
+      continue
+    for name in sorted(os.listdir(d)):
+      path = os.path.join(d, name)
+      if name.startswith(EXPORT_TMP_PREFIXES) and os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+  return removed
+
+
 def save_pretrained(model: Qwen3, path: str | os.PathLike, tokenizer=None, *, dtype: str | None = None,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
   """Writes `model` as an HF directory (config.json, sharded safetensors + index, tokenizer files if given)."""
@@ -250,7 +266,7 @@ def save_pretrained(model: Qwen3, path: str | os.PathLike, tokenizer=None, *, dt
 
   parent = os.path.dirname(path) or "."
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+  tmp = tempfile.mkdtemp(prefix=EXPORT_TMP_PREFIXES[0], dir=parent)
   try:
     weight_map, total = {}, 0
     for si, shard in enumerate(shards):
@@ -275,7 +291,7 @@ def save_pretrained(model: Qwen3, path: str | os.PathLike, tokenizer=None, *, dt
     if tokenizer is not None:
       tokenizer.save_pretrained(tmp)
     if os.path.exists(path):
-      old = tempfile.mkdtemp(prefix=".tmp-old-", dir=parent)
+      old = tempfile.mkdtemp(prefix=EXPORT_TMP_PREFIXES[1], dir=parent)
       os.rename(path, os.path.join(old, "x"))
       os.rename(tmp, path)
       shutil.rmtree(old, ignore_errors=True)
