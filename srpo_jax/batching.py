@@ -4,9 +4,10 @@ The batch layout is defined here (`MicroBatch`, `TeacherRows`); `train_step` con
 powers of two so a run compiles a small, known set of programs. Every row is RIGHT-padded: its prompt, its response,
 then padding up to S = P + T positions (P, T: the buckets of the longest prompt and response), so each row's valid
 tokens are a prefix (what cuDNN flash attention needs: per-row lengths instead of a mask) and row b's response starts
-at position `start[b]` = its prompt length. The
-teacher sequences of a micro-batch hold only its SDPO-routed rollouts (C rows, bucketed; none at all when no rollout
-of the mini-batch is SDPO-routed), which is where SRPO saves teacher compute over SDPO.
+at position `start[b]` = its prompt length. Micro-batches
+are route-pure (`route_groups`): a teacher micro-batch holds only SDPO-routed rollouts, each beside its teacher
+sequence; a plain one has no teacher sequences and its program runs no teacher forward, which is where SRPO saves
+teacher compute over SDPO.
 
 Letters (srpo_jax/models/qwen3.py): B rollouts, S = P + T sequence, T response positions, C teacher rows,
 M micro-batches.
@@ -19,31 +20,27 @@ import numpy as np
 
 
 class MicroBatch(NamedTuple):
-  """The update's input: M stacked micro-batches (a leading [M] axis on every field) or one micro-batch."""
+  """The update's input: one micro-batch (a leading [M] axis on every field when stacked for `prepare`'s callers).
+
+  Route-pure: either a *teacher* micro-batch (every real row SDPO-routed; teacher row b re-reads rollout b after its
+  teacher prompt, so the student's and the teacher's head run in one pass per row) or a *plain* one (no SDPO-routed
+  row, no teacher fields, no teacher forward in the compiled program)."""
   ids: np.ndarray        # [B, S] int32: prompt, response, padding
   mask: np.ndarray       # [B, S] bool: a prefix of each row
   start: np.ndarray      # [B] int32: where the response starts (the prompt length)
   resp: np.ndarray       # [B, T] bool: valid response tokens
-  old_logp: np.ndarray   # [B, T] float32: π_old (from `prepare`)
   roll_logp: np.ndarray  # [B, T] float32: π_roll (from the rollout engine)
   adv: np.ndarray        # [B] float32
   grpo: np.ndarray       # [B] bool: takes the GRPO loss
   sdpo: np.ndarray       # [B] bool: takes the SDPO loss
-  dw: np.ndarray         # [B, T] float32: DW weights (ones unless the method uses them)
-  t_ids: Optional[np.ndarray] = None    # [C, S_T] int32: the SDPO rows re-read after their teacher prompts
-  t_mask: Optional[np.ndarray] = None   # [C, S_T] bool
-  t_start: Optional[np.ndarray] = None  # [C] int32: where the response starts in the teacher row
-  t_row: Optional[np.ndarray] = None    # [C] int32: which of the B rows each teacher row belongs to
-  t_valid: Optional[np.ndarray] = None  # [C] bool: False for padding rows
+  old_logp: Optional[np.ndarray] = None  # [B, T] float32: π_old from `prepare`; None on-policy (π_old = π_θ, detached)
+  t_ids: Optional[np.ndarray] = None    # [B, S_T] int32: each row re-read after its teacher prompt (teacher batches)
+  t_mask: Optional[np.ndarray] = None   # [B, S_T] bool
+  t_start: Optional[np.ndarray] = None  # [B] int32: where the response starts in the teacher row
 
-
-class TeacherRows(NamedTuple):
-  """Teacher sequences for some rows of a batch, padded to a bucket of C rows."""
-  ids: np.ndarray    # [C, S_T] int32
-  mask: np.ndarray   # [C, S_T] bool
-  start: np.ndarray  # [C] int32: where the response starts (the teacher prompt length)
-  row: np.ndarray    # [C] int32: index into the batch; padding rows point at 0
-  valid: np.ndarray  # [C] bool
+  @property
+  def has_teacher(self) -> bool:
+    return self.t_ids is not None
 
 
 def pow2_bucket(n: int, minimum: int = 8, multiple_of: int = 1) -> int:
@@ -104,20 +101,17 @@ def sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int
   return Sequences(ids=ids, mask=mask, resp=resp, start=start)
 
 
-def teacher_rows(rows: Sequence[int], teacher_prompts: dict[int, Sequence[int]], responses: Sequence[Sequence[int]],
-                 resp_len: int, pad: int, *, num_rows: Optional[int] = None, prompt_len: Optional[int] = None,
-                 row_multiple: int = 1) -> TeacherRows:
+def teacher_sequences(rows: Sequence[int], teacher_prompts: dict[int, Sequence[int]],
+                      responses: Sequence[Sequence[int]], resp_len: int, pad: int, *, num_rows: int,
+                      prompt_len: Optional[int] = None) -> Sequences:
   """Rollouts `rows` re-read after their teacher prompts (each row: teacher prompt, the same response, padding up to
   `prompt_len` + `resp_len`; `prompt_len` defaults to the bucket of the longest teacher prompt), padded with empty
-  rows to `num_rows` (default: the power-of-two bucket of len(rows), a multiple of `row_multiple`)."""
+  rows to `num_rows`."""
   rows = [int(r) for r in rows]
-  c = num_rows or pow2_bucket(len(rows), 1, row_multiple)
   p_len = prompt_len or pow2_bucket(max(len(teacher_prompts[r]) for r in rows), 16)
-  empty = [[]] * (c - len(rows))
-  seq = sequences([teacher_prompts[r] for r in rows] + empty, [responses[r] for r in rows] + empty, p_len,
-                  resp_len, pad)
-  row = np.asarray(rows + [0] * (c - len(rows)), np.int32)
-  return TeacherRows(ids=seq.ids, mask=seq.mask, start=seq.start, row=row, valid=np.arange(c) < len(rows))
+  empty = [[]] * (num_rows - len(rows))
+  return sequences([teacher_prompts[r] for r in rows] + empty, [responses[r] for r in rows] + empty, p_len,
+                   resp_len, pad)
 
 
 class StepArrays(NamedTuple):
@@ -126,23 +120,29 @@ class StepArrays(NamedTuple):
   mask: np.ndarray
   start: np.ndarray
   resp: np.ndarray
-  old_logp: np.ndarray
   roll_logp: np.ndarray
   adv: np.ndarray
   grpo: np.ndarray
   sdpo: np.ndarray
-  dw: np.ndarray
+  old_logp: Optional[np.ndarray] = None  # None: on-policy, π_old = π_θ inside the update
 
 
 def micro_batch(rows: Sequence[int], a: StepArrays, teacher_prompts: dict[int, Sequence[int]],
                 responses: Sequence[Sequence[int]], pad: int, *, num_rows: Optional[int] = None,
-                seq_len: Optional[int] = None, resp_len: Optional[int] = None, num_teacher_rows: Optional[int] = None,
-                teacher_prompt_len: Optional[int] = None, row_multiple: int = 1) -> MicroBatch:
-  """One micro-batch of the rollouts `rows`: padded to `num_rows` rows (empty rows carry no loss), the first
-  `seq_len` positions and `resp_len` response positions (right padding makes the cut exact: defaults, the buckets
-  of these rows), and teacher rows for its SDPO-routed rollouts (none when it has none and `num_teacher_rows` is
-  not given)."""
+                seq_len: Optional[int] = None, resp_len: Optional[int] = None,
+                teacher_prompt_len: Optional[int] = None, with_teacher: bool = True,
+                row_multiple: int = 1) -> MicroBatch:
+  """One route-pure micro-batch of the rollouts `rows`: padded to `num_rows` rows (empty rows carry no loss), the
+  first `seq_len` positions and `resp_len` response positions (right padding makes the cut exact; defaults: the
+  buckets of these rows), and, when its rows are SDPO-routed (and `with_teacher`), their teacher sequences.
+
+  Rows must all be SDPO-routed or all not (`route_groups` cuts them so): a micro-batch of both kinds would need a
+  teacher row map and a second head pass over the SDPO rows, and its DW numerator could not be deferred.
+  """
   rows = [int(r) for r in rows]
+  kinds = {bool(a.sdpo[r]) for r in rows}
+  if with_teacher and len(kinds) > 1:
+    raise ValueError(f"micro_batch: rows {rows} mix SDPO-routed and other rollouts; cut them with route_groups")
   b = num_rows or padded_rows(len(rows), row_multiple)
   lengths = [int(a.mask[r].sum()) for r in rows]
   s = seq_len or seq_bucket(max(lengths))
@@ -154,44 +154,48 @@ def micro_batch(rows: Sequence[int], a: StepArrays, teacher_prompts: dict[int, S
     return np.concatenate([out, extra])
 
   mb = MicroBatch(ids=take(a.ids, s, pad), mask=take(a.mask, s), start=take(a.start), resp=take(a.resp, t),
-                  old_logp=take(a.old_logp, t), roll_logp=take(a.roll_logp, t), adv=take(a.adv), grpo=take(a.grpo),
-                  sdpo=take(a.sdpo), dw=take(a.dw, t, 1.0))
-  local = [j for j, r in enumerate(rows) if a.sdpo[r]]
-  if not local and num_teacher_rows is None:
+                  roll_logp=take(a.roll_logp, t), adv=take(a.adv), grpo=take(a.grpo), sdpo=take(a.sdpo),
+                  old_logp=None if a.old_logp is None else take(a.old_logp, t))
+  if not (with_teacher and kinds == {True}):
     return mb
-  c = num_teacher_rows or pow2_bucket(len(local), 1, row_multiple)
-  p_len = teacher_prompt_len or pow2_bucket(max(len(teacher_prompts[rows[j]]) for j in local), 16)
-  tr = (teacher_rows([rows[j] for j in local], teacher_prompts, responses, t, pad, num_rows=c, prompt_len=p_len)
-        if local else _empty_teacher_rows(c, p_len + t, pad))
-  return mb._replace(t_ids=tr.ids, t_mask=tr.mask, t_start=tr.start,
-                     t_row=np.asarray(local + [0] * (c - len(local)), np.int32), t_valid=tr.valid)
+  tr = teacher_sequences(rows, teacher_prompts, responses, t, pad, num_rows=b, prompt_len=teacher_prompt_len)
+  return mb._replace(t_ids=tr.ids, t_mask=tr.mask, t_start=tr.start)
 
 
-def micro_batches(rows: np.ndarray, micro_size: int, *, ids, mask, start, resp, old_logp, roll_logp, adv, grpo, sdpo,
-                  dw, teacher_prompts: dict[int, Sequence[int]], responses: Sequence[Sequence[int]], pad: int,
-                  row_multiple: int = 1) -> MicroBatch:
-  """Stacks the mini-batch `rows` (indices into the step's arrays) into [M, micro_size, ...] micro-batches of the
-  step's full shape (one program for all of them: `train_step.update`'s scan).
+def row_bucket(n: int, micro_size: int, row_multiple: int = 1) -> int:
+  """Rows of a fixed-size micro-batch that holds n ≤ micro_size rollouts (the last one of a route): the next multiple
+  of an eighth of micro_size (and of the mesh's row shards), so a route's remainder wastes at most an eighth of a
+  micro-batch and a run compiles at most 8 row counts per route."""
+  step = -(-max(micro_size // 8, 1) // row_multiple) * row_multiple
+  full = -(-micro_size // row_multiple) * row_multiple
+  return min(-(-max(n, 1) // step) * step, full)
 
-  Teacher sequences: for each micro-batch, the rows with `sdpo` set, re-read after `teacher_prompts[row]`; every
-  micro-batch gets the same C (bucket of the largest count) and the same teacher prompt length.
+
+def route_groups(rows: Sequence[int], sdpo: np.ndarray, lengths: Sequence[int], *, micro_size: Optional[int] = None,
+                 budget: Optional[int] = None, teacher_lengths: Optional[dict[int, int]] = None,
+                 row_multiple: int = 1) -> list[list[int]]:
+  """The route-pure micro-batches of a mini-batch's `rows`: the SDPO-routed rollouts first, then the others.
+
+  Fixed size (`micro_size`): consecutive chunks of each route. Token budget (`budget`): each route packed by
+  `token_budget_groups`, an SDPO-routed rollout costing its own tokens plus its teacher sequence's
+  (`teacher_lengths[row]`: teacher prompt + response), since the micro-batch runs both forwards.
+  `lengths[i]` is the token count of `rows[i]`. SDPO micro-batches come first so that the trainer can scale their
+  gradient by the DW normaliser before the plain ones are added (`train_step`: deferred DW).
   """
-  if len(rows) % micro_size:
-    raise ValueError(f"mini-batch of {len(rows)} rollouts is not divisible by micro_batch_size={micro_size}")
-  if micro_size % row_multiple:
-    raise ValueError(f"micro_batch_size={micro_size} is not divisible by the mesh's {row_multiple} row shards "
-                     "(mesh.data × mesh.fsdp): set optim.micro_batch_size to a multiple of it")
-  a = StepArrays(ids=ids, mask=mask, start=start, resp=resp, old_logp=old_logp, roll_logp=roll_logp, adv=adv,
-                 grpo=grpo, sdpo=sdpo, dw=dw)
-  groups = rows.reshape(-1, micro_size)
-  per_mb = [[int(r) for r in g if sdpo[r]] for g in groups]
-  teacher = {}
-  if any(per_mb):
-    teacher = dict(num_teacher_rows=pow2_bucket(max(map(len, per_mb)), 1, row_multiple),
-                   teacher_prompt_len=pow2_bucket(max(len(teacher_prompts[r]) for js in per_mb for r in js), 16))
-  parts = [micro_batch(g, a, teacher_prompts, responses, pad, num_rows=micro_size, seq_len=ids.shape[1],
-                       resp_len=resp.shape[1], **teacher) for g in groups]
-  return MicroBatch(*(None if f[0] is None else np.stack(f) for f in zip(*parts)))
+  rows = np.asarray(rows)
+  lengths = np.asarray(lengths)
+  on = np.asarray(sdpo)[rows].astype(bool)
+  out = []
+  for kind in (True, False):
+    r, n = rows[on == kind], lengths[on == kind]
+    if not len(r):
+      continue
+    if budget is None:
+      out += [list(map(int, r[i:i + micro_size])) for i in range(0, len(r), micro_size)]
+    else:
+      cost = [int(x) + (teacher_lengths[int(row)] if kind and teacher_lengths else 0) for row, x in zip(r, n)]
+      out += token_budget_groups(r, cost, budget, row_multiple)
+  return out
 
 
 def token_budget_groups(rows: Sequence[int], lengths: Sequence[int], budget: int, row_multiple: int = 1
@@ -220,9 +224,3 @@ def padding_fraction(micro_batches: Sequence[MicroBatch]) -> float:
   """Share of the positions fed to the model that are padding (1 − valid tokens / all positions)."""
   total = sum(mb.mask.size for mb in micro_batches)
   return 1.0 - sum(int(mb.mask.sum()) for mb in micro_batches) / max(total, 1)
-
-
-def _empty_teacher_rows(num_rows: int, length: int, pad: int) -> TeacherRows:
-  return TeacherRows(ids=np.full((num_rows, length), pad, np.int32), mask=np.zeros((num_rows, length), bool),
-                     start=np.zeros(num_rows, np.int32), row=np.zeros(num_rows, np.int32),
-                     valid=np.zeros(num_rows, bool))

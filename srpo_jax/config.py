@@ -288,6 +288,10 @@ class OptimConfig:
   b2: float = _f(0.999, "AdamW β2. Table 3.", UNIT_NO_ONE)
   eps: float = _f(1e-8, "AdamW ε. torch/optax default (the paper does not say).", NON_NEGATIVE)
   grad_clip: Optional[float] = _f(1.0, "Global grad-norm clip; None = off. Table 3.", POSITIVE)
+  recompute_old_logp: bool = _f(
+      False, "Compute π_old in a separate forward before the update even on on-policy steps (one optimizer step "
+      "per training step), where π_old = stop_gradient(π_θ) inside the update is exact and free (the official "
+      "code's log_prob.detach(); ratio exactly 1). Steps with several optimizer steps always recompute it.")
   micro_batch_tokens: Optional[int] = _f(
       None, "Token budget of one forward/backward per device (verl's ppo_max_token_len_per_gpu): the mini-batch's "
       "rollouts are grouped by length into micro-batches of at most this many padded tokens per device (the "

@@ -58,7 +58,7 @@ TEACHER_PROMPTS_TRUNCATED = "teacher/prompts_truncated"  # teacher prompts whose
 # SDPO-routed rollouts of this step whose teacher-prompt template alone exceeded algo.teacher_max_tokens: no teacher
 # information, re-routed by the method as rollouts without a correct sibling (run total: summary "teacher_over_budget")
 TEACHER_PROMPTS_OVER_BUDGET = "teacher/prompts_over_budget"
-DW_MIN = "dw/min"  # entropy weights exp(−βH) / mean over the SDPO tokens of the step (srpo)
+DW_MIN = "dw/min"  # entropy weights exp(−βH) / mean over the SDPO tokens of the mini-batch (srpo)
 DW_MEAN = "dw/mean"
 DW_MAX = "dw/max"
 # losses and RL health
@@ -78,7 +78,7 @@ OPTIM_GRAD_NORM = "optim/grad_norm"  # global gradient norm before clipping (mea
 TIME_STEP_S = "time/step_s"  # wall-clock of the whole training step (rollout + teacher + update)
 TIME_ROLLOUT_S = "time/rollout_s"
 TIME_ROUTE_S = "time/reward_route_s"
-TIME_TEACHER_S = "time/teacher_s"  # teacher prompts and the prepare program (π_old, DW)
+TIME_TEACHER_S = "time/teacher_s"  # teacher prompts, and the π_old program on off-policy steps
 TIME_UPDATE_S = "time/update_s"
 TIME_REFIT_S = "time/refit_s"  # EMA teacher update and rollout-engine weight refit
 TIME_TOKENS_PER_S = "time/tokens_per_s"  # response tokens per second of the whole step

@@ -1,22 +1,31 @@
-"""The jitted math of one training step: `prepare` (π_old, DW weights), `update` (grads + AdamW) and `ema`.
+"""The jitted math of one training step: `prepare` (π_old), `accumulate` + `apply` (grads + AdamW) and `ema`.
 
-Layout of a mini-batch: `srpo_jax.batching.MicroBatch` (M micro-batches of B rollouts, S = P + T positions; the
-SDPO-routed rollouts of each micro-batch re-read after their teacher prompts in C teacher rows, absent when no
-rollout is SDPO-routed: the compiled program then runs no teacher forward at all). Rows are right-padded; the
-hidden state at position start[b] - 1 + t predicts response token t (at start[b] + t), in both the student and the
-teacher sequences.
+Layout of a micro-batch: `srpo_jax.batching.MicroBatch`, route-pure (B rollouts, S = P + T positions): a teacher
+micro-batch holds SDPO-routed rollouts only, each beside its teacher-prompted sequence, and runs the EMA teacher's
+forward once and one head pass per row that gives the student's log-probs, entropy and top-k and the teacher's top-k
+and entropy; a plain micro-batch runs no teacher at all. Rows are right-padded; the hidden state at position
+start[b] - 1 + t predicts response token t (at start[b] + t), in both the student and the teacher sequences.
 
 The objective is a global token mean: each micro-batch contributes `numerator / denominator_of_the_mini_batch`, so
 summing micro-batch gradients reproduces the full mini-batch gradient exactly (spec, "SRPO: objective"). What each
 rollout contributes is the method's (`srpo_jax.methods.Method`, read through `LossHParams.method`).
 
-Letters (srpo_jax/models/qwen3.py): B rollouts, S positions, T response positions, C teacher rows, D width,
-M micro-batches, X flattened tokens.
+Deferred DW: the DW weight of an SDPO token is `exp(−βH) / mean_Ω exp(−βH)`, with Ω spanning the whole mini-batch.
+A teacher micro-batch's numerator uses the unnormalised `exp(−βH)` and reports `Σ_Ω exp(−βH)`; the trainer runs
+the mini-batch's teacher micro-batches first and then scales the accumulated gradient (and loss) once by
+`|Ω| / Σ_Ω exp(−βH)` (`accumulate`'s / `apply`'s `scale`) before the plain micro-batches add theirs. The SDPO part
+is linear in its weights, so this equals normalising first, with one teacher forward per rollout instead of two.
+
+On-policy steps (one optimizer step per training step) pass no π_old: the update uses `stop_gradient(π_θ)`, as the
+official code's `log_prob.detach()`, so the GRPO ratio and the SDPO IS ratio are exactly 1.
+
+Letters (srpo_jax/models/qwen3.py): B rollouts, S positions, T response positions, D width, X flattened tokens.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -26,7 +35,7 @@ from flax import nnx
 
 from srpo_jax import methods
 from srpo_jax.algorithms import losses
-from srpo_jax.batching import MicroBatch, TeacherRows
+from srpo_jax.batching import MicroBatch
 from srpo_jax.config import AlgoConfig
 from srpo_jax.kernels import fused_head as fh
 
@@ -62,12 +71,18 @@ class TokenSums(NamedTuple):
   approx_kl: jax.Array
   ratio: jax.Array
   roll_is: jax.Array
+  mismatch: jax.Array         # |log π_old − log π_roll| (the rollout engine's log-prob mismatch)
+  teacher_entropy: jax.Array  # teacher entropy H over the SDPO tokens
+  dw_unnorm: jax.Array        # exp(−βH) over the SDPO tokens (DW methods; the normaliser's sum)
 
 
 class TokenMaxes(NamedTuple):
   """Maxima over the tokens of one update (combine with max)."""
   roll_is: jax.Array
   logp: jax.Array
+  mismatch: jax.Array
+  dw_unnorm: jax.Array      # max exp(−βH) over the SDPO tokens
+  dw_unnorm_neg: jax.Array  # max −exp(−βH): minus the minimum
 
 
 class UpdateStats(NamedTuple):
@@ -77,28 +92,7 @@ class UpdateStats(NamedTuple):
   finite: jax.Array
   sums: TokenSums
   maxes: TokenMaxes
-
-
-class DWStats(NamedTuple):
-  """Teacher entropy and DW weights over Ω (the valid SDPO-routed tokens of the step)."""
-  tokens: jax.Array
-  entropy_mean: jax.Array
-  dw_min: jax.Array
-  dw_mean: jax.Array
-  dw_max: jax.Array
-
-
-class PrepareOut(NamedTuple):
-  """One `prepare` call's outputs (a chunk of the step's rollouts)."""
-  old_logp: jax.Array                  # [B, T] π_old
-  teacher_entropy: Optional[jax.Array]  # [C, T] teacher entropy of the chunk's teacher rows (methods with DW)
-
-
-class Prepared(NamedTuple):
-  """The step's π_old and DW weights, assembled from the prepare chunks (host arrays)."""
-  old_logp: jax.Array         # [B, T] π_old
-  dw: jax.Array               # [B, T] DW weights (ones off Ω, and for methods without DW)
-  dw_stats: Optional[DWStats]  # None without teacher rows
+  dw_scale: jax.Array  # |Ω| / Σ_Ω exp(−βH): what the deferred DW numerator was scaled by (1 without DW)
 
 
 def response_positions(start_B, resp_len: int, seq_len: int) -> jax.Array:
@@ -120,93 +114,89 @@ def _flat(x):
   return x.reshape((-1,) + x.shape[2:])
 
 
-def student_logp(model, ids, mask, start, resp_len: int, hp: LossHParams) -> tuple[jax.Array, jax.Array]:
-  """Sampled-token log-probs and entropies [B, T] through the fused head (k=1: no top-k needed here)."""
+def student_logp(model, ids, mask, start, resp_len: int, hp: LossHParams) -> jax.Array:
+  """Sampled-token log-probs [B, T] through the fused head (k=1: no top-k needed here): π_old."""
   b = ids.shape[0]
   h, targets = response_hidden(model, ids, mask, start, resp_len)
   out = fh.fused_head(_flat(h), model.head_weight(), _flat(targets), k=1,
                       temperature=hp.temperature, tile_size=hp.tile_size)
-  return out.logp_X.reshape(b, resp_len), out.entropy_X.reshape(b, resp_len)
+  return out.logp_X.reshape(b, resp_len)
 
 
-def teacher_entropy(teacher, t: TeacherRows, resp_len: int, hp: LossHParams) -> jax.Array:
-  """The EMA teacher's full-vocabulary entropy [C, T] at the response tokens of its (teacher-prompted) rows."""
-  c = t.ids.shape[0]
-  h = jax.lax.stop_gradient(response_hidden(teacher, t.ids, t.mask, t.start, resp_len)[0])
-  return fh.head_entropy(_flat(h), jax.lax.stop_gradient(teacher.head_weight()), temperature=hp.temperature,
-                         tile_size=hp.tile_size).reshape(c, resp_len)
-
-
-def dw_for_rows(ent_CT, on_CT, dest_C, num_rows: int, beta: float) -> tuple[jax.Array, DWStats]:
-  """DW weights [num_rows, T] from the teacher entropies of all the step's SDPO rows, and their statistics.
-
-  Ω = `on_CT` (the valid response tokens of the teacher rows, gathered from every prepare chunk); `losses.dw_weights`
-  normalises over all of Ω at once (the normaliser spans micro-batches and chunks). Teacher row c holds rollout
-  `dest_C[c]`; padding rows carry dest = num_rows and are dropped, so they cannot overwrite a real row. Rows off Ω
-  keep weight 1 (they carry no SDPO loss anyway).
-  """
-  w_CT = losses.dw_weights(ent_CT, on_CT, beta)
-  dw_BT = jnp.ones((num_rows, ent_CT.shape[1]), jnp.float32).at[dest_C].set(jnp.where(on_CT, w_CT, 1.0), mode="drop")
-  n = jnp.sum(on_CT)
-  mean_on = lambda x: jnp.sum(jnp.where(on_CT, x, 0.0)) / jnp.maximum(n, 1)
-  stats = DWStats(tokens=n, entropy_mean=mean_on(ent_CT), dw_min=jnp.min(jnp.where(on_CT, w_CT, jnp.inf)),
-                  dw_mean=mean_on(w_CT), dw_max=jnp.max(jnp.where(on_CT, w_CT, -jnp.inf)))
-  return dw_BT, stats
+def check_dw_beta(beta: float, vocab: int) -> None:
+  """The deferred DW numerator uses exp(−βH) unshifted; H ≤ ln V, so it stays a normal fp32 number while
+  β·ln V ≤ 80 (β = 1 in the paper: 11.9 at V = 151,936)."""
+  if beta * math.log(vocab) > 80.0:
+    raise ValueError(f"algo.dw_beta={beta}: exp(-β·H) underflows float32 for teacher entropies up to ln V = "
+                     f"{math.log(vocab):.2f} (V={vocab}); use dw_beta <= {80.0 / math.log(vocab):.2f}")
 
 
 def micro_objective(params, teacher_params, graphdef, mb: MicroBatch, denominator, hp: LossHParams):
-  """This micro-batch's share of the mini-batch objective (numerator / mini-batch denominator) and its statistics."""
+  """This micro-batch's share of the mini-batch objective (numerator / mini-batch denominator) and its statistics.
+
+  A teacher micro-batch's DW weights are the unnormalised exp(−βH) (module docstring: deferred DW)."""
   method = hp.method
+  a = hp.algo
   model = nnx.merge(graphdef, params)
   b, resp_len = mb.resp.shape
   h, targets = response_hidden(model, mb.ids, mb.mask, mb.start, resp_len)  # [B, T, D], [B, T]
   w = model.head_weight()
-  out = fh.fused_head(_flat(h), w, _flat(targets), k=1, temperature=hp.temperature, tile_size=hp.tile_size)
+  jsd = t_entropy = None
+  if mb.has_teacher:
+    # One head pass per row: the student's log-prob, entropy and top-k, and the teacher's top-k and entropy.
+    teacher = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params))
+    ht = response_hidden(teacher, mb.t_ids, mb.t_mask, mb.t_start, resp_len)[0]  # [B, T, D]
+    out = fh.fused_head(_flat(h), w, _flat(targets), _flat(ht), teacher_head_weight_DV=teacher.head_weight(),
+                        k=a.topk, temperature=hp.temperature, tile_size=hp.tile_size)
+    jsd = losses.head_divergence(out, alpha=a.jsd_alpha).reshape(b, resp_len)
+    t_entropy = out.teacher_entropy_X.reshape(b, resp_len)
+  else:
+    out = fh.fused_head(_flat(h), w, _flat(targets), k=1, temperature=hp.temperature, tile_size=hp.tile_size)
   logp = out.logp_X.reshape(b, resp_len)
   entropy = out.entropy_X.reshape(b, resp_len)
-  a = hp.algo
-  roll_w = losses.rollout_is_weights(mb.old_logp, mb.roll_logp, cap=a.rollout_is_cap)
-
-  grpo_loss = losses.grpo_token_loss(logp, mb.old_logp, mb.adv, clip_low=a.clip_low, clip_high=a.clip_high,
+  old_logp = jax.lax.stop_gradient(logp) if mb.old_logp is None else mb.old_logp
+  roll_w = losses.rollout_is_weights(old_logp, mb.roll_logp, cap=a.rollout_is_cap)
+  grpo_loss = losses.grpo_token_loss(logp, old_logp, mb.adv, clip_low=a.clip_low, clip_high=a.clip_high,
                                      clip_c=a.clip_c, rollout_is_weights=roll_w)
-  sdpo_loss, jsd = None, jnp.zeros((b, resp_len), jnp.float32)
-  if mb.t_ids is not None:
-    teacher = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params))
-    c = mb.t_ids.shape[0]
-    ht = response_hidden(teacher, mb.t_ids, mb.t_mask, mb.t_start, resp_len)[0]  # [C, T, D]
-    hs = h[mb.t_row]  # the student's hidden states of the same rollouts
-    t_out = fh.fused_head(_flat(hs), w, _flat(targets[mb.t_row]), _flat(ht),
-                          teacher_head_weight_DV=teacher.head_weight(), k=a.topk, temperature=hp.temperature,
-                          tile_size=hp.tile_size)
-    jsd_C = losses.head_divergence(t_out, alpha=a.jsd_alpha).reshape(c, resp_len)
-    # Scatter back to the B rows; padding teacher rows (t_valid false) add nothing.
-    jsd = jnp.zeros((b, resp_len), jnp.float32).at[mb.t_row].add(jnp.where(mb.t_valid[:, None], jsd_C, 0.0))
-    sdpo_loss = losses.sdpo_token_loss(jsd, logp, mb.old_logp, is_clip=a.sdpo_is_cap, rollout_is_weights=roll_w)
+  sdpo_loss = dw = None
+  if jsd is not None:
+    sdpo_loss = losses.sdpo_token_loss(jsd, logp, old_logp, is_clip=a.sdpo_is_cap, rollout_is_weights=roll_w)
+  if method.dynamic_weighting:
+    check_dw_beta(a.dw_beta, w.shape[1])
+    dw = jnp.ones_like(logp) if t_entropy is None else jnp.exp(-a.dw_beta * t_entropy)
   grpo_in = grpo_loss if method.grpo_rows != "none" else None
   if grpo_in is None and sdpo_loss is None:
-    sdpo_loss = jnp.zeros_like(logp)  # an SDPO-only method with no teacher rows: every rollout carries zero loss
-  num, _ = losses.routed_objective(grpo_in, sdpo_loss, mb.dw, mb.resp, mb.grpo, mb.sdpo, method=method,
+    sdpo_loss = jnp.zeros_like(logp)  # an SDPO-only method's plain micro-batch: every rollout carries zero loss
+  num, _ = losses.routed_objective(grpo_in, sdpo_loss, dw, mb.resp, mb.grpo, mb.sdpo, method=method,
                                    loss_agg=hp.loss_agg, mix_lambda=a.mix_lambda)
   if a.entropy_coef:
     num = num - a.entropy_coef * jnp.sum(jnp.where(mb.resp, entropy, 0.0))
   loss = num / jnp.maximum(denominator, 1.0)
-  return loss, _micro_stats(mb, logp, entropy, roll_w, grpo_loss, sdpo_loss, jsd, a)
+  return loss, _micro_stats(mb, logp, old_logp, entropy, roll_w, grpo_loss, sdpo_loss, jsd, t_entropy, dw, a)
 
 
-def _micro_stats(mb: MicroBatch, logp, entropy, roll_w, grpo_loss, sdpo_loss, jsd, a: AlgoConfig):
+def _micro_stats(mb: MicroBatch, logp, old_logp, entropy, roll_w, grpo_loss, sdpo_loss, jsd, t_entropy, dw,
+                 a: AlgoConfig):
   valid = mb.resp
   g_tok = valid & mb.grpo[:, None]
   s_tok = valid & mb.sdpo[:, None]
   n_g = jnp.sum(g_tok)
-  gm = losses.grpo_metrics(logp, mb.old_logp, mb.adv, g_tok, clip_low=a.clip_low, clip_high=a.clip_high,
+  gm = losses.grpo_metrics(logp, old_logp, mb.adv, g_tok, clip_low=a.clip_low, clip_high=a.clip_high,
                            clip_c=a.clip_c)
-  tok_sum = lambda x, on: jnp.sum(jnp.where(on, x, 0.0))
+  zero = jnp.float32(0.0)
+  tok_sum = lambda x, on: zero if x is None else jnp.sum(jnp.where(on, x, 0.0))
+  tok_max = lambda x, on: jnp.float32(-jnp.inf) if x is None else jnp.max(jnp.where(on, x, -jnp.inf))
+  mismatch = jnp.abs(old_logp - mb.roll_logp)
+  dw_on = None if (dw is None or t_entropy is None) else dw
   sums = TokenSums(
       tokens=jnp.sum(valid), grpo_tokens=n_g, sdpo_tokens=jnp.sum(s_tok), grpo_loss=tok_sum(grpo_loss, g_tok),
-      sdpo_loss=tok_sum(sdpo_loss, s_tok) if sdpo_loss is not None else jnp.float32(0.0), jsd=tok_sum(jsd, s_tok),
+      sdpo_loss=tok_sum(sdpo_loss, s_tok), jsd=tok_sum(jsd, s_tok),
       entropy=tok_sum(entropy, valid), clip_frac=gm["clip_frac"] * n_g, dual_clip_frac=gm["dual_clip_frac"] * n_g,
-      approx_kl=gm["approx_kl"] * n_g, ratio=gm["ratio_mean"] * n_g, roll_is=tok_sum(roll_w, valid))
-  maxes = TokenMaxes(roll_is=jnp.max(jnp.where(valid, roll_w, 0.0)), logp=jnp.max(jnp.where(valid, logp, -jnp.inf)))
+      approx_kl=gm["approx_kl"] * n_g, ratio=gm["ratio_mean"] * n_g, roll_is=tok_sum(roll_w, valid),
+      mismatch=tok_sum(mismatch, valid), teacher_entropy=tok_sum(t_entropy, s_tok), dw_unnorm=tok_sum(dw_on, s_tok))
+  maxes = TokenMaxes(roll_is=jnp.max(jnp.where(valid, roll_w, 0.0)), logp=tok_max(logp, valid),
+                     mismatch=jnp.max(jnp.where(valid, mismatch, 0.0)), dw_unnorm=tok_max(dw_on, s_tok),
+                     dw_unnorm_neg=tok_max(None if dw_on is None else -dw_on, s_tok))
   return sums, maxes
 
 
@@ -233,12 +223,10 @@ def make_optimizer(lr: float, *, warmup_steps: int = 10, weight_decay: float = 0
 
 
 class TrainFns(NamedTuple):
-  prepare: Any     # (params, teacher, ids, mask, start, resp, teacher_rows) -> PrepareOut (one chunk)
-  update: Any      # (params, opt_state, teacher, stacked micro-batches, denominator) -> (params, opt_state, stats)
+  prepare: Any     # (params, ids, mask, start, resp) -> π_old [B, T] (one chunk of rollouts)
+  accumulate: Any  # (params, teacher, grads, scale, one micro-batch, denominator) -> (grads, loss, sums, maxes)
+  apply: Any       # (params, opt_state, grads, loss, scale) -> (params, opt_state, grad_norm, finite)
   ema: Any         # (teacher, params, rate) -> teacher
-  accumulate: Any = None  # (params, teacher, grads, one micro-batch, denominator) -> (grads, loss, sums, maxes)
-  dw: Any = None          # (ent_CT, on_CT, dest_C, num_rows) -> (dw [num_rows, T], DWStats): the step's DW weights
-  apply: Any = None       # (params, opt_state, grads, loss) -> (params, opt_state, grad_norm, finite)
 
 
 class TrainShardings(NamedTuple):
@@ -293,6 +281,12 @@ class _JitPerStructure:
       return self._jit(args).lower(*args)
 
 
+def tree_all_finite(tree) -> jax.Array:
+  """True when every floating-point leaf of `tree` is finite (a scalar bool; integer leaves are always finite)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def make_train_fns(graphdef, optimizer, hp: LossHParams, shardings: Optional[TrainShardings] = None) -> TrainFns:
   """Jitted functions closed over the static pieces (graph, optimizer, loss settings).
 
@@ -300,51 +294,29 @@ def make_train_fns(graphdef, optimizer, hp: LossHParams, shardings: Optional[Tra
   accident, and the batch work is split over the devices like the batch.
   """
 
-  def prepare(params, teacher_params, ids, mask, start, resp, teacher_rows: Optional[TeacherRows]) -> PrepareOut:
-    """π_old log-probs [B, T] of a chunk of rollouts and, given teacher rows (methods with DW), their teacher
-    entropies [C, T] (normalised into DW weights over the whole step by `dw`)."""
-    resp_len = resp.shape[1]
-    logp, _ = student_logp(nnx.merge(graphdef, params), ids, mask, start, resp_len, hp)
-    if teacher_rows is None:
-      return PrepareOut(old_logp=logp, teacher_entropy=None)
-    return PrepareOut(old_logp=logp, teacher_entropy=teacher_entropy(nnx.merge(graphdef, teacher_params),
-                                                                      teacher_rows, resp_len, hp))
-
-  def dw(ent_CT, on_CT, dest_C, num_rows):
-    return dw_for_rows(ent_CT, on_CT, dest_C, num_rows, hp.algo.dw_beta)
+  def prepare(params, ids, mask, start, resp):
+    """π_old log-probs [B, T] of a chunk of rollouts (steps with several optimizer steps, or when forced)."""
+    return student_logp(nnx.merge(graphdef, params), ids, mask, start, resp.shape[1], hp)
 
   grad_fn = jax.value_and_grad(micro_objective, has_aux=True)
 
-  def apply(params, opt_state, grads, loss):
-    """One clipped AdamW step from accumulated gradients; a non-finite loss or gradient norm leaves params and
-    optimizer state unchanged (`finite` is reported)."""
+  def accumulate(params, teacher_params, grads, scale, mb: MicroBatch, denominator):
+    """grads · scale + ∇(this micro-batch's share of the objective): one program per micro-batch shape; `apply`
+    follows once per mini-batch. `scale` is 1 except where the trainer applies the deferred DW normaliser."""
+    (loss, (sums, maxes)), g = grad_fn(params, teacher_params, graphdef, mb, denominator, hp)
+    return jax.tree.map(lambda acc, x: acc * scale + x, grads, g), loss, sums, maxes
+
+  def apply(params, opt_state, grads, loss, scale):
+    """One clipped AdamW step from the accumulated gradients (times `scale`). A step whose loss, gradient norm, new
+    parameters or new optimizer state is not finite leaves params and optimizer state unchanged (`finite` says)."""
+    grads = jax.tree.map(lambda x: x * scale, grads)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & tree_all_finite(new_params)
+              & tree_all_finite(new_opt_state))
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     return keep(new_params, params), keep(new_opt_state, opt_state), grad_norm, finite
-
-  def update(params, opt_state, teacher_params, micro_batches: MicroBatch, denominator):
-    """Accumulates gradients over M stacked micro-batches of one shape (lax.scan), then `apply`."""
-
-    def body(acc, mb):
-      (loss, stats), g = grad_fn(params, teacher_params, graphdef, mb, denominator, hp)
-      acc_g, acc_loss = acc
-      return (jax.tree.map(jnp.add, acc_g, g), acc_loss + loss), stats
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    (grads, loss), (sums, maxes) = jax.lax.scan(body, (zeros, jnp.float32(0.0)), micro_batches)
-    new_params, new_opt_state, grad_norm, finite = apply(params, opt_state, grads, loss)
-    stats = UpdateStats(loss=loss, grad_norm=grad_norm, finite=finite,
-                        sums=jax.tree.map(jnp.sum, sums), maxes=jax.tree.map(jnp.max, maxes))
-    return new_params, new_opt_state, stats
-
-  def accumulate(params, teacher_params, grads, mb: MicroBatch, denominator):
-    """grads + ∇(this micro-batch's share of the objective), for micro-batches of varying shapes (token budgets):
-    one program per shape bucket; `apply` follows once per mini-batch. Returns (grads, loss, sums, maxes)."""
-    (loss, (sums, maxes)), g = grad_fn(params, teacher_params, graphdef, mb, denominator, hp)
-    return jax.tree.map(jnp.add, grads, g), loss, sums, maxes
 
   def ema(teacher_params, params, rate):
     """θ_T ← (1 − rate)·θ_T + rate·θ (spec: after all optimizer steps of a training step)."""
@@ -355,37 +327,27 @@ def make_train_fns(graphdef, optimizer, hp: LossHParams, shardings: Optional[Tra
   donate = jax.default_backend() != "cpu"
   if shardings is None:
     return TrainFns(prepare=jax.jit(prepare),
-                    update=jax.jit(update, donate_argnums=(0, 1) if donate else ()),
-                    ema=jax.jit(ema, donate_argnums=(0,) if donate else ()),
                     accumulate=jax.jit(accumulate, donate_argnums=(2,) if donate else ()),
                     apply=jax.jit(apply, donate_argnums=(0, 1, 2) if donate else ()),
-                    dw=jax.jit(dw, static_argnums=(3,)))
+                    ema=jax.jit(ema, donate_argnums=(0,) if donate else ()))
   sh = shardings
   rep = sh.replicated
 
-  def prepare_shardings(params, teacher, ids, mask, start, resp, teacher_rows):
-    in_sh = (sh.params, sh.params, *sh.rows((ids, mask, start, resp)), sh.rows(teacher_rows))
-    out_sh = PrepareOut(old_logp=sh.rows(resp), teacher_entropy=None if teacher_rows is None else sh.rows(resp))
-    return in_sh, out_sh
+  def prepare_shardings(params, ids, mask, start, resp):
+    return (sh.params, *sh.rows((ids, mask, start, resp))), sh.rows(resp)
 
-  def update_shardings(params, opt_state, teacher, micro_batches, denominator):
-    return (sh.params, sh.opt_state, sh.params, sh.rows(micro_batches, axis=1), rep), (sh.params, sh.opt_state, rep)
+  def accumulate_shardings(params, teacher, grads, scale, mb, denominator):
+    return (sh.params, sh.params, sh.params, rep, sh.rows(mb), rep), (sh.params, rep, rep, rep)
+
+  def apply_shardings(params, opt_state, grads, loss, scale):
+    return (sh.params, sh.opt_state, sh.params, rep, rep), (sh.params, sh.opt_state, rep, rep)
 
   def ema_shardings(teacher, params, rate):
     return (sh.params, sh.params, rep), sh.params
 
-  def accumulate_shardings(params, teacher, grads, mb, denominator):
-    return (sh.params, sh.params, sh.params, sh.rows(mb), rep), (sh.params, rep, rep, rep)
-
-  def apply_shardings(params, opt_state, grads, loss):
-    return (sh.params, sh.opt_state, sh.params, rep), (sh.params, sh.opt_state, rep, rep)
-
   return TrainFns(prepare=_JitPerStructure(prepare, prepare_shardings, mesh=sh.mesh),
-                  update=_JitPerStructure(update, update_shardings, donate_argnums=(0, 1) if donate else (),
-                                          mesh=sh.mesh),
-                  ema=_JitPerStructure(ema, ema_shardings, mesh=sh.mesh, donate_argnums=(0,) if donate else ()),
                   accumulate=_JitPerStructure(accumulate, accumulate_shardings, mesh=sh.mesh,
                                               donate_argnums=(2,) if donate else ()),
                   apply=_JitPerStructure(apply, apply_shardings, donate_argnums=(0, 1, 2) if donate else (),
                                         mesh=sh.mesh),
-                  dw=jax.jit(dw, static_argnums=(3,)))  # [C, T] scalars per token: small, on one device
+                  ema=_JitPerStructure(ema, ema_shardings, mesh=sh.mesh, donate_argnums=(0,) if donate else ()))

@@ -41,7 +41,7 @@ from srpo_jax.models import hf_io
 from srpo_jax.models.qwen3 import Qwen3, Qwen3Config, init_model
 from srpo_jax.rollout.engine import RolloutEngine, RolloutInterrupted, SamplingParams
 from srpo_jax.task import Task, load_task
-from srpo_jax.train_step import (LossHParams, Prepared, TrainFns, TrainShardings, UpdateStats, make_optimizer,
+from srpo_jax.train_step import (LossHParams, TrainFns, TrainShardings, UpdateStats, make_optimizer,
                                  make_train_fns)
 from srpo_jax.warmstart import warmstart
 
@@ -328,7 +328,7 @@ def build_teacher_prompts(ro: Rollouts, sc: Scored, messages_of, tokenizer, teac
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Stage 4: prepare (padded step arrays, π_old, DW weights)
+# Stage 4: padded step arrays, π_old (off-policy steps only)
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class StepBatch:
@@ -348,98 +348,106 @@ def assemble(ro: Rollouts, prompt_ids: Sequence[Sequence[int]], pad: int) -> Ste
   return StepBatch(ids=seq.ids, mask=seq.mask, start=seq.start, resp=seq.resp, roll_logp=roll_logp)
 
 
+def needs_old_logp(cfg: Config) -> bool:
+  """Whether π_old needs its own forward before the update: a step of several optimizer steps (the later ones are
+  off-policy), or `optim.recompute_old_logp`. Otherwise π_old = stop_gradient(π_θ) inside the update (exact)."""
+  return cfg.optimizer_steps_per_step > 1 or cfg.optim.recompute_old_logp
+
+
 def row_groups(rows: np.ndarray, lengths: np.ndarray, cfg: Config, row_multiple: int) -> list[list[int]]:
-  """The micro-batches of `rows`: length-sorted groups under optim.micro_batch_tokens, else consecutive chunks of
-  optim.micro_batch_size rollouts (`prepare` and the updates share this rule)."""
+  """`prepare`'s chunks of `rows` (no teacher): length-sorted groups under optim.micro_batch_tokens, else
+  consecutive chunks of optim.micro_batch_size rollouts."""
   if cfg.optim.micro_batch_tokens is not None:
     return batching.token_budget_groups(rows, lengths, cfg.optim.micro_batch_tokens, row_multiple)
   return [list(map(int, g)) for g in np.asarray(rows).reshape(-1, cfg.micro_batch_size)]
 
 
-def prepare(fns: TrainFns, state: TrainState, batch: StepBatch, sc: Scored, teacher_prompts: dict[int, list[int]],
-            responses: Sequence[np.ndarray], method: methods.Method, pad: int, groups: Sequence[Sequence[int]],
-            cut: bool = False, row_multiple: int = 1) -> Prepared:
-  """π_old of every rollout with the current weights, one group of rows (a micro-batch: `row_groups`) at a time —
-  a whole step of 256 rollouts × 10k tokens is far more than one forward can hold — each group cut to its own
-  length bucket when `cut` (token budgets); DW weights from the EMA teacher's entropy on the SDPO-routed rollouts,
-  normalised over all of them at once (`fns.dw`) when the method uses them."""
+def update_groups(rows: np.ndarray, batch: StepBatch, sc: Scored, teacher_prompts: dict[int, list[int]],
+                  responses: Sequence[np.ndarray], cfg: Config, row_multiple: int) -> list[list[int]]:
+  """The route-pure micro-batches of a mini-batch's `rows`, SDPO-routed ones first (`batching.route_groups`); under a
+  token budget an SDPO-routed rollout also counts its teacher sequence."""
+  t_len = {int(r): len(teacher_prompts[int(r)]) + len(responses[int(r)]) for r in rows if sc.sdpo[r]}
+  return batching.route_groups(rows, sc.sdpo, batch.mask[rows].sum(axis=1), micro_size=cfg.micro_batch_size,
+                               budget=cfg.optim.micro_batch_tokens, teacher_lengths=t_len, row_multiple=row_multiple)
+
+
+def prepare(fns: TrainFns, params, batch: StepBatch, groups: Sequence[Sequence[int]], pad: int, cut: bool = False,
+            row_multiple: int = 1) -> np.ndarray:
+  """π_old [B, T] of every rollout with the current weights, one group of rows at a time (`row_groups`) — a whole
+  step of 256 rollouts × 10k tokens is far more than one forward can hold — each group cut to its own length bucket
+  when `cut` (token budgets). Only for steps where `needs_old_logp`."""
   num, resp_len = batch.resp.shape
-  use_dw = method.dynamic_weighting and bool(sc.sdpo.any())
-  zeros = np.zeros(batch.resp.shape, np.float32)
-  arrays = batching.StepArrays(ids=batch.ids, mask=batch.mask, start=batch.start, resp=batch.resp, old_logp=zeros,
-                               roll_logp=zeros, adv=np.zeros(num, np.float32), grpo=sc.grpo,
-                               sdpo=sc.sdpo if use_dw else np.zeros(num, bool), dw=zeros)
+  arrays = batching.StepArrays(ids=batch.ids, mask=batch.mask, start=batch.start, resp=batch.resp,
+                               roll_logp=batch.roll_logp, adv=np.zeros(num, np.float32), grpo=np.ones(num, bool),
+                               sdpo=np.zeros(num, bool))
   outs = []
   for g in groups:
     shape = {} if cut else dict(num_rows=len(g), seq_len=batch.ids.shape[1], resp_len=resp_len)
-    mb = batching.micro_batch(g, arrays, teacher_prompts, responses, pad, row_multiple=row_multiple, **shape)
-    t = None if mb.t_ids is None else batching.TeacherRows(ids=mb.t_ids, mask=mb.t_mask, start=mb.t_start,
-                                                           row=mb.t_row, valid=mb.t_valid)
-    outs.append((g, t, fns.prepare(state.params, state.teacher, mb.ids, mb.mask, mb.start, mb.resp, t)))
+    mb = batching.micro_batch(g, arrays, {}, (), pad, with_teacher=False, row_multiple=row_multiple, **shape)
+    outs.append((g, fns.prepare(params, mb.ids, mb.mask, mb.start, mb.resp)))
   old_logp = np.zeros(batch.resp.shape, np.float32)
-  ent, on, dest = [], [], []
-  for g, t, out in jax.device_get(outs):  # one host sync for all chunks
-    old_logp[g, :out.old_logp.shape[1]] = out.old_logp[:len(g)]
-    if t is not None:
-      rows = np.asarray(g)[t.row]
-      e = np.zeros((len(rows), resp_len), np.float32)
-      e[:, :out.teacher_entropy.shape[1]] = out.teacher_entropy
-      ent.append(e)
-      on.append(batch.resp[rows] & t.valid[:, None])
-      dest.append(np.where(t.valid, rows, num))
-  if not ent:
-    return Prepared(old_logp=old_logp, dw=np.ones(batch.resp.shape, np.float32), dw_stats=None)
-  # Pad the teacher rows to a power of two (padding rows: off Ω, dropped) so `dw` compiles a few shapes only.
-  c = batching.pow2_bucket(sum(map(len, ent)), 1)
-  pad_c = c - sum(map(len, ent))
-  ent_CT = np.concatenate(ent + [np.zeros((pad_c, resp_len), np.float32)])
-  on_CT = np.concatenate(on + [np.zeros((pad_c, resp_len), bool)])
-  dest_C = np.concatenate(dest + [np.full(pad_c, num)]).astype(np.int32)
-  dw, stats = jax.device_get(fns.dw(ent_CT, on_CT, dest_C, num))
-  return Prepared(old_logp=old_logp, dw=dw, dw_stats=stats)
+  for g, out in jax.device_get(outs):  # one host sync for all chunks
+    old_logp[g, :out.shape[1]] = out[:len(g)]
+  return old_logp
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Stage 5: optimizer steps (one per mini-batch)
 # ---------------------------------------------------------------------------------------------------------------------
-def run_updates(fns: TrainFns, state: TrainState, batch: StepBatch, prep: Prepared, sc: Scored,
+def dw_scale(parts: Sequence[tuple[Any, Any]]) -> jax.Array:
+  """The deferred DW normaliser |Ω| / Σ_Ω exp(−βH) from the teacher micro-batches' sums (train_step docstring)."""
+  tokens = sum(p[0].sdpo_tokens for p in parts)
+  return jnp.float32(tokens) / jnp.maximum(sum(p[0].dw_unnorm for p in parts), jnp.finfo(jnp.float32).tiny)
+
+
+def run_updates(fns: TrainFns, state: TrainState, batch: StepBatch, old_logp: Optional[np.ndarray], sc: Scored,
                 teacher_prompts: dict[int, list[int]], responses: Sequence[np.ndarray], cfg: Config, pad: int,
                 row_multiple: int = 1) -> tuple[Any, Any, list[UpdateStats], float]:
-  """One optimizer step per mini-batch, each over its micro-batches; the denominator spans the mini-batch.
+  """One optimizer step per mini-batch, each over its route-pure micro-batches (`update_groups`); the denominator
+  spans the mini-batch, and with DW the teacher micro-batches' gradient is scaled by the mini-batch's DW normaliser
+  before the plain ones are added.
 
-  Micro-batches are `optim.micro_batch_size` rollouts at the step's full length (one scanned program), or, with
-  `optim.micro_batch_tokens`, length-sorted groups under that per-device token budget, each cut to its own length
-  bucket (one program per shape bucket, gradients accumulated on the device). Returns the new params and optimizer
-  state, the per-optimizer-step statistics (host values) and the padding fraction of what the model was fed.
+  Micro-batches: `optim.micro_batch_size` rollouts at the step's full length (a route's last one cut to
+  `batching.row_bucket` rows), or, with `optim.micro_batch_tokens`, length-sorted groups under that per-device token
+  budget, each cut to its own length bucket. `old_logp` None: on-policy (π_old = π_θ in the update). Returns the new
+  params and optimizer state, the per-optimizer-step statistics (host values) and the padding fraction of what the
+  model was fed.
   """
+  method = cfg.method
   params, opt_state, outs, fed = state.params, state.opt_state, [], []
   arrays = batching.StepArrays(ids=batch.ids, mask=batch.mask, start=batch.start, resp=batch.resp,
-                               old_logp=prep.old_logp, roll_logp=batch.roll_logp, adv=sc.adv, grpo=sc.grpo,
-                               sdpo=sc.sdpo, dw=prep.dw)
-  per_mb = cfg.rollouts_per_mini_batch
+                               roll_logp=batch.roll_logp, adv=sc.adv, grpo=sc.grpo, sdpo=sc.sdpo, old_logp=old_logp)
+  per_mb, one = cfg.rollouts_per_mini_batch, jnp.float32(1.0)
   for m in range(cfg.optimizer_steps_per_step):
     rows = np.arange(m * per_mb, (m + 1) * per_mb)
     den = losses.objective_denominator(jnp.asarray(batch.resp[rows]), jnp.asarray(sc.grpo[rows]),
                                        jnp.asarray(sc.sdpo[rows]), loss_agg=cfg.loss_agg)
-    budget = cfg.optim.micro_batch_tokens
-    if budget is None:
-      mbs = batching.micro_batches(rows, cfg.micro_batch_size, **arrays._asdict(), teacher_prompts=teacher_prompts,
-                                   responses=responses, pad=pad, row_multiple=row_multiple)
-      params, opt_state, out = fns.update(params, opt_state, state.teacher, mbs, den)
-      fed.append(mbs)
-    else:
-      groups = row_groups(rows, batch.mask[rows].sum(axis=1), cfg, row_multiple)
-      grads, loss, parts = jax.tree.map(jnp.zeros_like, params), jnp.float32(0.0), []
-      for g in groups:
-        mb = batching.micro_batch(g, arrays, teacher_prompts, responses, pad, row_multiple=row_multiple)
-        grads, mb_loss, sums, maxes = fns.accumulate(params, state.teacher, grads, mb, den)
-        loss, parts = loss + mb_loss, parts + [(sums, maxes)]
-        fed.append(mb)
-      params, opt_state, grad_norm, finite = fns.apply(params, opt_state, grads, loss)
-      out = UpdateStats(loss=loss, grad_norm=grad_norm, finite=finite,
-                        sums=jax.tree.map(lambda *x: sum(x), *[p[0] for p in parts]),
-                        maxes=jax.tree.map(lambda *x: jnp.max(jnp.stack(x)), *[p[1] for p in parts]))
-    outs.append(out)
+    grads, loss = jax.tree.map(jnp.zeros_like, params), jnp.float32(0.0)
+    parts, teacher_parts, pending, dw_used = [], [], method.dynamic_weighting, one
+    for g in update_groups(rows, batch, sc, teacher_prompts, responses, cfg, row_multiple):
+      scale = one
+      if pending and teacher_parts and not sc.sdpo[g[0]]:  # the first plain micro-batch: normalise the DW part first
+        dw_used = scale = dw_scale(teacher_parts)
+        loss, pending = loss * scale, False
+      shape = {} if cfg.optim.micro_batch_tokens is not None else dict(
+          num_rows=batching.row_bucket(len(g), cfg.micro_batch_size, row_multiple), seq_len=batch.ids.shape[1],
+          resp_len=batch.resp.shape[1])
+      mb = batching.micro_batch(g, arrays, teacher_prompts, responses, pad, row_multiple=row_multiple, **shape)
+      grads, mb_loss, sums, maxes = fns.accumulate(params, state.teacher, grads, scale, mb, den)
+      loss = loss + mb_loss
+      parts.append((sums, maxes))
+      if mb.has_teacher:
+        teacher_parts.append((sums, maxes))
+      fed.append(mb)
+    scale = one
+    if pending and teacher_parts:  # no plain micro-batch followed: normalise in `apply`
+      dw_used = scale = dw_scale(teacher_parts)
+      loss = loss * scale
+    params, opt_state, grad_norm, finite = fns.apply(params, opt_state, grads, loss, scale)
+    outs.append(UpdateStats(loss=loss, grad_norm=grad_norm, finite=finite,
+                            sums=jax.tree.map(lambda *x: sum(x), *[p[0] for p in parts]),
+                            maxes=jax.tree.map(lambda *x: jnp.max(jnp.stack(x)), *[p[1] for p in parts]),
+                            dw_scale=dw_used))
   # One host sync for all the step's optimizer steps.
   return params, opt_state, jax.device_get(outs), batching.padding_fraction(fed)
 
@@ -463,43 +471,44 @@ def ema_teacher(fns: TrainFns, teacher, params, stats: Sequence[UpdateStats], me
 # Stage 7: step metrics
 # ---------------------------------------------------------------------------------------------------------------------
 def update_metrics(stats: Sequence[UpdateStats]) -> dict[str, float]:
-  """Loss, gradient norm and token means over the step's optimizer steps (host values)."""
+  """Loss, gradient norm, token means, π_old/π_roll mismatch and the teacher's entropy and DW weights over the
+  step's optimizer steps (host values)."""
   sums = jax.tree.map(lambda *x: float(np.sum(x)), *[s.sums for s in stats])
   maxes = jax.tree.map(lambda *x: float(np.max(x)), *[s.maxes for s in stats])
   div = lambda a, n: a / n if n else 0.0
-  return {M.LOSS: float(np.mean([s.loss for s in stats])),
-          M.OPTIM_GRAD_NORM: float(np.mean([s.grad_norm for s in stats])),
-          M.LOSS_GRPO: div(sums.grpo_loss, sums.grpo_tokens), M.LOSS_SDPO: div(sums.sdpo_loss, sums.sdpo_tokens),
-          M.SDPO_JSD: div(sums.jsd, sums.sdpo_tokens), M.POLICY_ENTROPY: div(sums.entropy, sums.tokens),
-          M.GRPO_CLIP_FRAC: div(sums.clip_frac, sums.grpo_tokens),
-          M.GRPO_DUAL_CLIP_FRAC: div(sums.dual_clip_frac, sums.grpo_tokens),
-          M.GRPO_APPROX_KL: div(sums.approx_kl, sums.grpo_tokens), M.GRPO_RATIO_MEAN: div(sums.ratio, sums.grpo_tokens),
-          M.ROLLOUT_IS_WEIGHT_MEAN: div(sums.roll_is, sums.tokens), M.ROLLOUT_IS_WEIGHT_MAX: maxes.roll_is,
-          M.POLICY_LOGP_MAX: maxes.logp}
+  out = {M.LOSS: float(np.mean([s.loss for s in stats])),
+         M.OPTIM_GRAD_NORM: float(np.mean([s.grad_norm for s in stats])),
+         M.LOSS_GRPO: div(sums.grpo_loss, sums.grpo_tokens), M.LOSS_SDPO: div(sums.sdpo_loss, sums.sdpo_tokens),
+         M.SDPO_JSD: div(sums.jsd, sums.sdpo_tokens), M.POLICY_ENTROPY: div(sums.entropy, sums.tokens),
+         M.GRPO_CLIP_FRAC: div(sums.clip_frac, sums.grpo_tokens),
+         M.GRPO_DUAL_CLIP_FRAC: div(sums.dual_clip_frac, sums.grpo_tokens),
+         M.GRPO_APPROX_KL: div(sums.approx_kl, sums.grpo_tokens), M.GRPO_RATIO_MEAN: div(sums.ratio, sums.grpo_tokens),
+         M.ROLLOUT_IS_WEIGHT_MEAN: div(sums.roll_is, sums.tokens), M.ROLLOUT_IS_WEIGHT_MAX: maxes.roll_is,
+         M.POLICY_LOGP_MAX: maxes.logp, M.ROLLOUT_LOGP_MISMATCH_ABS: div(sums.mismatch, sums.tokens),
+         M.ROLLOUT_LOGP_MISMATCH_MAX: maxes.mismatch}
+  if sums.sdpo_tokens:
+    out[M.TEACHER_ENTROPY_MEAN] = sums.teacher_entropy / sums.sdpo_tokens
+  if sums.dw_unnorm:  # DW weights = exp(−βH) × each optimizer step's normaliser
+    with_dw = [s for s in stats if float(s.sums.dw_unnorm) > 0]
+    out[M.DW_MIN] = min(-float(s.maxes.dw_unnorm_neg) * float(s.dw_scale) for s in with_dw)
+    out[M.DW_MAX] = max(float(s.maxes.dw_unnorm) * float(s.dw_scale) for s in with_dw)
+    out[M.DW_MEAN] = (sum(float(s.sums.dw_unnorm) * float(s.dw_scale) for s in with_dw)
+                      / sum(float(s.sums.sdpo_tokens) for s in with_dw))
+  return out
 
 
-def step_metrics(ro: Rollouts, sc: Scored, batch: StepBatch, prep: Prepared, stats: Sequence[UpdateStats],
-                 rollout_time_s: float) -> dict[str, float]:
+def step_metrics(ro: Rollouts, sc: Scored, stats: Sequence[UpdateStats], rollout_time_s: float) -> dict[str, float]:
   """What a training step logs about its rollouts, routing, teacher, losses and RL health."""
   lengths = np.array([len(x) for x in ro.responses])
-  old, roll = prep.old_logp[batch.resp], batch.roll_logp[batch.resp]
-  mismatch = np.abs(old - roll)
-  out = {
+  return {
       M.TRAIN_REWARD_MEAN: float(sc.rewards.mean()), M.TRAIN_ACCURACY: float(sc.correct.mean()),
       M.ROUTE_FRAC_GRPO: float((sc.grpo & sc.correct).mean()), M.ROUTE_FRAC_SDPO: float(sc.sdpo.mean()),
       M.ROUTE_FRAC_FALLBACK: float((sc.grpo & ~sc.correct).mean()),
       M.ROLLOUT_RESPONSE_LEN_MEAN: float(lengths.mean()), M.ROLLOUT_RESPONSE_LEN_MAX: int(lengths.max()),
       M.ROLLOUT_TRUNCATION_RATE: float(np.mean([f == "length" for f in ro.finish])),
       M.ROLLOUT_TOKENS_PER_S: max(int(lengths.sum()), 1) / max(rollout_time_s, 1e-9),
-      M.ROLLOUT_LOGP_MISMATCH_ABS: float(mismatch.mean()) if mismatch.size else 0.0,
-      M.ROLLOUT_LOGP_MISMATCH_MAX: float(mismatch.max()) if mismatch.size else 0.0,
       **update_metrics(stats),
   }
-  d = prep.dw_stats
-  if d is not None and int(d.tokens) > 0:
-    out.update({M.TEACHER_ENTROPY_MEAN: float(d.entropy_mean), M.DW_MIN: float(d.dw_min),
-                M.DW_MEAN: float(d.dw_mean), M.DW_MAX: float(d.dw_max)})
-  return out
 
 
 def set_lr(opt_state, lr: float):
@@ -633,12 +642,14 @@ class Trainer:
     # The teacher prompts may re-route rollouts (no room for a solution): `sc` is the routing from here on.
     tp, sc = build_teacher_prompts(ro, sc, task.messages, self.tokenizer, cfg.algo.teacher_max_tokens, self.method)
     batch = assemble(ro, task.train.ids, self.pad)
-    groups = row_groups(np.arange(len(ro.responses)), batch.mask.sum(axis=1), cfg, self.row_shards)
-    prep = prepare(self.fns, st, batch, sc, tp.ids, ro.responses, self.method, self.pad, groups,
-                   cut=cfg.optim.micro_batch_tokens is not None, row_multiple=self.row_shards)
+    old_logp = None
+    if needs_old_logp(cfg):
+      groups = row_groups(np.arange(len(ro.responses)), batch.mask.sum(axis=1), cfg, self.row_shards)
+      old_logp = prepare(self.fns, st.params, batch, groups, self.pad, cut=cfg.optim.micro_batch_tokens is not None,
+                         row_multiple=self.row_shards)
     t3 = time.perf_counter()
-    st.params, st.opt_state, stats, padding = run_updates(self.fns, st, batch, prep, sc, tp.ids, ro.responses, cfg,
-                                                          self.pad, self.row_shards)
+    st.params, st.opt_state, stats, padding = run_updates(self.fns, st, batch, old_logp, sc, tp.ids, ro.responses,
+                                                          cfg, self.pad, self.row_shards)
     t4 = time.perf_counter()
     # Nothing non-finite reaches the teacher, the rollout engine or (later) a checkpoint.
     require_finite({"params": st.params}, f"training step {step}: the parameters after the update are not finite "
@@ -656,7 +667,7 @@ class Trainer:
     st.counters["teacher_over_budget"] += tp.over_budget
     st.counters["nonfinite_steps"] += int(not finite)
     st.nonfinite_in_row = 0 if finite else st.nonfinite_in_row + 1
-    out = step_metrics(ro, sc, batch, prep, stats, rollout_time_s=t1 - t0)
+    out = step_metrics(ro, sc, stats, rollout_time_s=t1 - t0)
     out.update({M.OPTIM_LR: current_lr(st.opt_state),
                 M.TRAIN_NONFINITE_STEPS: st.counters["nonfinite_steps"], M.TEACHER_PROMPTS_TRUNCATED: tp.truncated,
                 M.TEACHER_PROMPTS_OVER_BUDGET: tp.over_budget, M.BATCH_PADDING_FRAC: padding,

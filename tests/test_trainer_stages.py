@@ -1,5 +1,5 @@
 """The trainer's stages called with plain inputs: prompt order, rollouts, scoring and routing, teacher prompts, the
-prepare program (π_old, DW weights), the lr of a training step, the EMA teacher, the clocks and the step's metrics.
+prepare program (π_old), the lr of a training step, the EMA teacher, the clocks and the step's metrics.
 No trainer, no monkey-patching."""
 import jax
 import jax.numpy as jnp
@@ -153,70 +153,36 @@ def _tiny():
   return nnx.split(model)
 
 
-@pytest.mark.parametrize("method", ["srpo", "srpo_no_dw"])
-def test_prepare_gives_pi_old_and_dw_weights_normalised_over_omega(method):
+def test_prepare_gives_pi_old_in_chunks_and_cut_groups():
   graphdef, params = _tiny()
-  teacher = nnx.split(init_model(Qwen3Config.preset("tiny", vocab_size=V, hidden_size=32, intermediate_size=64,
-                                                    head_dim=8), seed=7))[1]
   opt, _ = make_optimizer(1e-3, warmup_steps=0)
-  hp = LossHParams(algo=AlgoConfig(name=method, dw_beta=0.7), tile_size=8)
-  fns = make_train_fns(graphdef, opt, hp)
+  fns = make_train_fns(graphdef, opt, LossHParams(tile_size=8))
   rng = np.random.default_rng(0)
   prompts = [list(rng.integers(1, V, rng.integers(3, 9))) for _ in range(6)]
   responses = [rng.integers(1, V, k) for k in (3, 0, 5, 2, 4, 1)]  # row 1 is empty
   ro = T.Rollouts(prompt_rows=list(range(6)), responses=responses,
                   rollout_logp=[np.full(len(r), -1.0, np.float32) for r in responses], finish=["stop"] * 6,
                   texts=[""] * 6, group_ids=np.zeros(6, int))
-  sdpo = np.array([False, True, True, False, True, False])
-  sc = T.Scored(rewards=np.zeros(6, np.float32), adv=np.zeros(6, np.float32), grpo=~sdpo, sdpo=sdpo,
-                sibling=np.zeros(6, np.int32), correct=np.zeros(6, bool), has_teacher=sdpo)
-  t_prompts = {int(i): list(rng.integers(1, V, 6)) for i in np.flatnonzero(sdpo)}
   batch = T.assemble(ro, prompts, PAD)
-  state = T.TrainState(params=params, opt_state=opt.init(params), teacher=teacher)
-  # Two chunks of three rollouts: the DW normaliser must still span both.
-  prep = T.prepare(fns, state, batch, sc, t_prompts, responses, methods.get(method), PAD, groups=[[0, 1, 2], [3, 4, 5]])
-  # Ragged groups cut to their own shapes (token budgets) give the same π_old and DW weights.
-  cut = T.prepare(fns, state, batch, sc, t_prompts, responses, methods.get(method), PAD, groups=[[5, 0], [1, 2, 3, 4]],
-                  cut=True)
-  np.testing.assert_allclose(cut.old_logp, prep.old_logp, atol=1e-5)
-  np.testing.assert_allclose(cut.dw, prep.dw, rtol=1e-5)
-
+  old = T.prepare(fns, params, batch, [[0, 1, 2], [3, 4, 5]], PAD)
+  # Ragged groups cut to their own shapes (token budgets) give the same π_old.
+  cut = T.prepare(fns, params, batch, [[5, 0], [1, 2, 3, 4]], PAD, cut=True)
+  np.testing.assert_allclose(cut, old, atol=1e-5)
   # π_old: the student's own log-probs of the sampled tokens (full-logits reference).
   model = nnx.merge(graphdef, params)
   r_len = batch.resp.shape[1]
-
-  def response_logp(m, ids, mask, start):  # full logits at the right-padded rows' response positions
-    pos = np.clip(start[:, None] + np.arange(r_len), 0, ids.shape[1] - 1)
-    logp = np.asarray(jax.nn.log_softmax(m(jnp.asarray(ids), jnp.asarray(mask))))
-    return np.take_along_axis(logp, np.maximum(pos - 1, 0)[..., None], 1), pos
-
-  full, pos = response_logp(model, batch.ids, batch.mask, batch.start)
+  pos = np.clip(batch.start[:, None] + np.arange(r_len), 0, batch.ids.shape[1] - 1)
+  full = np.asarray(jax.nn.log_softmax(model(jnp.asarray(batch.ids), jnp.asarray(batch.mask))))
+  full = np.take_along_axis(full, np.maximum(pos - 1, 0)[..., None], 1)
   ref_logp = np.take_along_axis(full, np.take_along_axis(batch.ids, pos, 1)[..., None], -1)[..., 0]
-  np.testing.assert_allclose(prep.old_logp[batch.resp], ref_logp[batch.resp], atol=1e-5)
-  if method == "srpo_no_dw":
-    assert prep.dw_stats is None and (prep.dw == 1.0).all()
-    return
-  # DW: exp(-βH_teacher) / mean over Ω, H from the teacher's full logits on its own (teacher-prompted) sequences.
-  rows = np.flatnonzero(sdpo)
-  t = batching.teacher_rows(rows, t_prompts, responses, r_len, PAD)
-  t_logp, _ = response_logp(nnx.merge(graphdef, teacher), t.ids, t.mask, t.start)
-  ent = -(np.exp(t_logp) * t_logp).sum(-1)[:len(rows)]
-  on = batch.resp[rows]
-  w = np.exp(-0.7 * ent[on])
-  np.testing.assert_allclose(prep.dw[rows][on], w / w.mean(), rtol=1e-4)
-  assert (prep.dw[~sdpo] == 1.0).all() and (prep.dw[rows][~on] == 1.0).all()
-  assert int(prep.dw_stats.tokens) == on.sum()
-  np.testing.assert_allclose(float(prep.dw_stats.entropy_mean), ent[on].mean(), rtol=1e-4)
-  np.testing.assert_allclose(float(prep.dw_stats.dw_mean), 1.0, rtol=1e-5)
-  # The same weights as the formula's own function on the reference entropies.
-  np.testing.assert_allclose(np.asarray(losses.dw_weights(jnp.asarray(ent), jnp.asarray(on), 0.7))[on],
-                             prep.dw[rows][on], rtol=1e-4)
+  np.testing.assert_allclose(old[batch.resp], ref_logp[batch.resp], atol=1e-5)
 
 
-def _stats(loss, grad_norm, **sums):
+def _stats(loss, grad_norm, dw_scale=1.0, maxes=None, **sums):
   zero = {f: 0.0 for f in TokenSums._fields}
+  mx = dict(roll_is=sums.get("roll_is", 0.0) / 2, logp=-0.1, mismatch=0.0, dw_unnorm=-np.inf, dw_unnorm_neg=-np.inf)
   return UpdateStats(loss=loss, grad_norm=grad_norm, finite=True, sums=TokenSums(**{**zero, **sums}),
-                     maxes=TokenMaxes(roll_is=sums.get("roll_is", 0.0) / 2, logp=-0.1))
+                     maxes=TokenMaxes(**{**mx, **(maxes or {})}), dw_scale=dw_scale)
 
 
 def test_update_metrics_are_token_means_over_all_optimizer_steps():
@@ -233,20 +199,26 @@ def test_update_metrics_are_token_means_over_all_optimizer_steps():
   assert m[M.ROLLOUT_IS_WEIGHT_MEAN] == pytest.approx(1.0) and m[M.ROLLOUT_IS_WEIGHT_MAX] == 5.0
 
 
-def test_step_metrics_route_fractions_and_logp_mismatch():
+def test_step_metrics_route_fractions_logp_mismatch_and_dw():
   ro = _rollouts(["a"] * 4, [0, 0, 1, 1])
   sc = T.Scored(rewards=np.array([1, 0, 0, 0], np.float32), adv=np.zeros(4, np.float32),
                 grpo=np.array([True, False, True, True]), sdpo=np.array([False, True, False, False]),
                 sibling=np.array([-1, 0, -1, -1], np.int32), correct=np.array([True, False, False, False]),
                 has_teacher=np.array([False, True, False, False]))
-  batch = T.assemble(ro, [[1]] * 4, PAD)
-  old = np.where(batch.resp, batch.roll_logp - 0.25, 0.0)
-  prep = T.Prepared(old_logp=old, dw=np.ones_like(old), dw_stats=None)
-  m = T.step_metrics(ro, sc, batch, prep, [_stats(1.0, 1.0, tokens=1)], rollout_time_s=2.0)
+  m = T.step_metrics(ro, sc, [_stats(1.0, 1.0, tokens=4, mismatch=1.0, maxes=dict(mismatch=0.5))], rollout_time_s=2.0)
   assert (m[M.ROUTE_FRAC_GRPO], m[M.ROUTE_FRAC_SDPO], m[M.ROUTE_FRAC_FALLBACK]) == (0.25, 0.25, 0.5)
-  assert m[M.ROLLOUT_LOGP_MISMATCH_ABS] == pytest.approx(0.25) and m[M.TRAIN_ACCURACY] == 0.25
+  assert m[M.ROLLOUT_LOGP_MISMATCH_ABS] == pytest.approx(0.25) and m[M.ROLLOUT_LOGP_MISMATCH_MAX] == 0.5
+  assert m[M.TRAIN_ACCURACY] == 0.25
   assert m[M.ROLLOUT_TOKENS_PER_S] == sum(len(r) for r in ro.responses) / 2.0
-  assert M.DW_MEAN not in m
+  assert M.DW_MEAN not in m and M.TEACHER_ENTROPY_MEAN not in m
+  # DW: exp(−βH) sums and extremes of each optimizer step, times that step's normaliser |Ω| / Σ exp(−βH).
+  a = _stats(1.0, 1.0, tokens=4, sdpo_tokens=4, teacher_entropy=8.0, dw_unnorm=2.0, dw_scale=2.0,
+             maxes=dict(dw_unnorm=0.8, dw_unnorm_neg=-0.2))
+  b = _stats(1.0, 1.0, tokens=2, sdpo_tokens=2, teacher_entropy=1.0, dw_unnorm=1.0, dw_scale=2.0,
+             maxes=dict(dw_unnorm=0.6, dw_unnorm_neg=-0.4))
+  m = T.update_metrics([a, b])
+  assert m[M.TEACHER_ENTROPY_MEAN] == pytest.approx(1.5) and m[M.DW_MEAN] == pytest.approx(1.0)
+  assert m[M.DW_MIN] == pytest.approx(0.4) and m[M.DW_MAX] == pytest.approx(1.6)
 
 
 def test_lr_warms_up_over_training_steps_constant_within_a_step():
@@ -279,7 +251,7 @@ def _tree(x):
 @pytest.mark.parametrize("finite,moved", [((False, False), False), ((False, True), True), ((True,), True)])
 def test_ema_teacher_only_after_a_policy_update(finite, moved):
   """θ_T moves only when at least one optimizer step of the training step was applied (official code)."""
-  fns = T.TrainFns(prepare=None, update=None,
+  fns = T.TrainFns(prepare=None, accumulate=None, apply=None,
                    ema=jax.jit(lambda t, p, rate: jax.tree.map(lambda a, b: (1 - rate) * a + rate * b, t, p)))
   stats = [_stats(1.0, 1.0)._replace(finite=np.bool_(f)) for f in finite]
   teacher, did = T.ema_teacher(fns, _tree(0.0), _tree(1.0), stats, methods.get("srpo"), 0.05)
