@@ -5,6 +5,7 @@ CONTRACT tests against tests/fake_sglang_server.py (not SGLang): real HTTP on 12
 """
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import subprocess
@@ -187,6 +188,22 @@ def test_port_taken_by_another_server_is_refused(tmp_path, other_server, bind_de
   assert time.monotonic() - t0 < 10
   with urllib.request.urlopen(other_server + "/health", timeout=5) as r:  # the other server is left alone
     assert r.status == 200
+
+
+def test_port_taken_by_a_server_with_our_identity_is_refused(tmp_path):
+  """A leaked server of the same run (same model path, same version "0") on our fixed port reports exactly what ours
+  would: only the listening socket's owner (Linux /proc) tells them apart."""
+  proc, url = _start_fake("--model-path", str(tmp_path / "init_ckpt"), "--weight-version", "0")
+  try:
+    port = int(url.rsplit(":", 1)[1])
+    assert se.listener_held_by_group(port, os.getpgid(proc.pid)) is True  # the check itself, on a known owner
+    assert se.listener_held_by_group(port, 2**30) is False  # a group that holds nothing
+    assert se.listener_held_by_group(se._free_port(), os.getpgid(proc.pid)) is None  # nothing listens there
+    with pytest.raises(se.ServerStartupError, match=r"answers as another server: .*does not hold the listening"):
+      _engine(tmp_path, "--fake-bind-delay", "2", port=port)
+  finally:
+    proc.kill()
+    proc.wait()
 
 
 def test_owned_server_identity_check_passes_for_our_server(tmp_path):

@@ -224,6 +224,38 @@ def _free_port(host: str = "127.0.0.1") -> int:
     return s.getsockname()[1]
 
 
+def listener_held_by_group(port: int, pgid: int) -> bool | None:
+  """Whether a process of group `pgid` holds the socket listening on TCP `port` (Linux /proc); None: cannot tell.
+
+  Two servers can report the same model path and weight version (a leaked server of the same run on a fixed port):
+  only the socket's owner says which process answers.
+  """
+  inodes = set()
+  for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    try:
+      with open(table) as f:
+        rows = f.read().splitlines()[1:]
+    except OSError:
+      continue
+    for row in rows:
+      col = row.split()  # sl, local_address (hex ip:port), rem_address, st (0A = LISTEN), ..., inode (10th)
+      if len(col) > 9 and col[3] == "0A" and int(col[1].rsplit(":", 1)[1], 16) == port:
+        inodes.add(f"socket:[{col[9]}]")
+  if not inodes:
+    return None
+  for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        if int(f.read().rsplit(")", 1)[1].split()[2]) != pgid:  # fields after the name: state, ppid, pgrp
+          continue
+      for fd in os.listdir(f"/proc/{pid}/fd"):
+        if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+          return True
+    except OSError:  # gone meanwhile, or not ours to read
+      continue
+  return False
+
+
 def _tail(path: pathlib.Path | None, n_lines: int = 40) -> str:
   if path is None or not path.exists():
     return "<no server log>"
@@ -534,8 +566,11 @@ class SGLangEngine(RolloutEngine):
     code = self._proc.poll()
     got = (str(info.get("model_path")), str(info.get("weight_version")))
     want = (self.model_path, self._version_tag)
-    if code is not None or got != want:
-      ours = f"exited with code {code}" if code is not None else f"pid {self._proc.pid} is alive but not answering"
+    port = int(self.url.rsplit(":", 1)[1])
+    if code is not None or got != want or listener_held_by_group(port, self._proc.pid) is False:
+      ours = f"exited with code {code}" if code is not None else (
+          f"(pid {self._proc.pid}) does not hold the listening socket" if got == want else
+          f"(pid {self._proc.pid}) is alive but not answering")
       raise ServerStartupError(
           f"{self.url} answers as another server: it reports model_path={got[0]!r}, weight_version={got[1]!r}, but "
           f"the server this engine launched there (model_path={want[0]!r}, weight_version={want[1]!r}) {ours}. The "
