@@ -1,23 +1,31 @@
 """Will the run fit? `python -m srpo_jax.plan --config=configs/qwen3_8b.py[:param] --target=h100x8 [--config.x=...]`
 
 For a target (`TARGETS`: h100x8, h200x8, h20x8, a100x8, h100x1, cpu) the planner builds the run's real jitted
-programs -- the train step's `update` (or `accumulate` + `apply` under a token budget), `prepare` (π_old and the DW
-teacher pass), `ema`, and the JAX sampler when `rollout.engine == "jax"` -- from ABSTRACT inputs (`nnx.eval_shape`
-model, `jax.ShapeDtypeStruct` batches: nothing is allocated) at the config's largest shapes, compiles them for the
-target without the hardware (`srpo_jax.aot`: deviceless AOT for NVIDIA targets, the local CPU for `cpu`), and prints
-per device: parameters, optimizer state, teacher, gradients, each program's inputs, temporaries and outputs, the total
-against the device memory times JAX's share of it, the collectives, the FLOPs and whether cuDNN flash attention is in
-the program. Exit status 0 when every program fits, 1 when one does not (the message names the largest term and a
-setting that would fit), 2 for a bad config or target.
+programs -- the train step's `accumulate` (one micro-batch's gradient, added to the accumulators) and `apply` (one
+AdamW step per mini-batch), `prepare` (π_old) where the trainer runs it (`trainer.needs_old_logp`: several optimizer
+steps per training step, or `optim.recompute_old_logp`), `ema`, and the JAX sampler when `rollout.engine == "jax"` --
+from ABSTRACT inputs (`nnx.eval_shape` model, `jax.ShapeDtypeStruct` batches: nothing is allocated) at the config's
+largest shapes, compiles them for the target without the hardware (`srpo_jax.aot`: deviceless AOT for NVIDIA targets,
+the local CPU for `cpu`), and prints per device: parameters, optimizer state, teacher, gradients, each program's
+inputs, temporaries and outputs, the total against the device memory times JAX's share of it, the collectives, the
+FLOPs and whether cuDNN flash attention is in the program. Exit status 0 when every program fits, 1 when one does not
+(the message names the largest term and a setting that would fit), 2 for a bad config or target.
 
 `--analytic` skips the compiler: the state terms are exact (shapes and shardings), the activations a formula
 (`analytic_activations`) calibrated against the compiled programs (BUILD_NOTES.md, "Planner"). `srpo_jax.run` calls
 `check_fits_analytic` on the real devices before anything is compiled.
 
+State: parameters, optimizer state and the teacher stay resident for the whole run; the gradient accumulators live
+from a mini-batch's first `accumulate` to its `apply` (`resident_bytes`), so they count in those programs only.
+
 Largest shapes (`Shapes.from_config`): prompt P = bucket(data.max_prompt_tokens), response T =
-bucket(rollout.max_new_tokens), S = P + T; every rollout of a micro-batch SDPO-routed (C = its rows, bucketed) with a
-teacher prompt of bucket(algo.teacher_max_tokens) positions; `prepare` on one micro-batch (the trainer calls it per
-micro-batch, then normalises the DW weights over the step in a small `dw` program that is not planned).
+bucket(rollout.max_new_tokens), S = P + T. Micro-batches are route-pure (`batching.route_groups`): a *teacher*
+micro-batch (`accumulate_t`: SDPO-routed rollouts only, each beside its teacher sequence of bucket(
+algo.teacher_max_tokens) + T positions, C = B) or a *plain* one (`accumulate`: no teacher forward). At a fixed
+`optim.micro_batch_size` both hold that many rows and the teacher one bounds the plain one (only it is planned for a
+method with a teacher); under `optim.micro_batch_tokens` each kind is planned at the most rows of the longest length
+the budget admits, a teacher rollout costing its teacher tokens too. `prepare` runs on one micro-batch's rows (no
+teacher).
 
 Letters (srpo_jax/models/qwen3.py): B rows, S positions, P prompt, T response, C teacher rows, D, F, L, N, K, H, V.
 """
@@ -133,6 +141,10 @@ def _pow2(n: int, minimum: int = 1, multiple_of: int = 1) -> int:
   return pow2_bucket(n, minimum, multiple_of)
 
 
+ACCUMULATE, ACCUMULATE_T = "accumulate", "accumulate_t"  # a plain / a teacher micro-batch's accumulate program
+GRADIENT_PROGRAMS = (ACCUMULATE, ACCUMULATE_T, "apply")  # the programs during which the gradients are resident
+
+
 @dataclasses.dataclass(frozen=True)
 class Shapes:
   """The largest arrays each program sees (rows are global: split over row_shards = mesh.data × mesh.fsdp)."""
@@ -141,52 +153,74 @@ class Shapes:
   resp: int            # T
   seq: int             # S = P + T (training rows)
   teacher_seq: int     # S_T = teacher prompt bucket + T; 0 when the method has no teacher
-  budget_mode: bool    # optim.micro_batch_tokens: accumulate + apply, one micro-batch per program call
-  micro_rows: int      # rows of one micro-batch
-  micro_batches: int   # M, scanned inside `update` (1 in budget mode)
-  teacher_rows: int    # C per micro-batch (every rollout SDPO-routed), 0 without a teacher
-  prep_rows: int       # rows of one `prepare` call (the trainer calls it per micro-batch: `trainer.row_groups`)
-  prep_teacher_rows: int  # DW teacher rows of that call (0 unless the method has dynamic weighting)
+  budget_mode: bool    # optim.micro_batch_tokens: micro-batches by a token budget, each cut to its length bucket
+  micro_rows: int      # rows of the largest plain micro-batch (no teacher sequences)
+  teacher_rows: int    # rows of the largest teacher micro-batch (C = B: one teacher row per rollout); 0: no teacher
+  micro_batches: int   # accumulate calls per optimizer step (token budget: the fewest, every rollout the longest)
+  prep_rows: int       # rows of one `prepare` call (`trainer.row_groups`); 0: the trainer runs no prepare
   sampler_rows: int    # JAX sampler batch (0: rollout.engine != "jax")
   sampler_prompt: int
   sampler_new: int
 
   @property
+  def old_logp(self) -> bool:
+    """Whether the micro-batches carry π_old (from `prepare`); otherwise the update uses stop_gradient(π_θ)."""
+    return self.prep_rows > 0
+
+  @property
   def tokens_per_device(self) -> int:
-    """The update's student tokens per device (the token budget the paper configs set)."""
+    """The update's student tokens per device in a plain micro-batch (the token budget the paper configs set)."""
     return self.micro_rows // self.row_shards * self.seq
+
+  @property
+  def micro_batch_kinds(self) -> list[tuple[str, int, bool]]:
+    """The accumulate programs to plan: (name, rows, with teacher sequences). At a fixed size a teacher micro-batch
+    holds the rows of a plain one plus the teacher forward, so it alone bounds both."""
+    kinds = [(ACCUMULATE_T, self.teacher_rows, True)] if self.teacher_rows else []
+    if not self.teacher_rows or self.budget_mode:
+      kinds.append((ACCUMULATE, self.micro_rows, False))
+    return kinds
 
   @classmethod
   def from_config(cls, cfg, row_shards: int) -> "Shapes":
     from srpo_jax import batching
+    from srpo_jax.trainer import needs_old_logp
     method = cfg.method
     p = _pow2(cfg.data.max_prompt_tokens, 16)
     t = _pow2(cfg.rollout.max_new_tokens, 8)
     s = p + t
     st = _pow2(cfg.algo.teacher_max_tokens, 16) + t if method.uses_teacher else 0
-    budget = cfg.optim.micro_batch_tokens
-    if budget is None:
-      rows, m = cfg.micro_batch_size, cfg.micro_batches_per_mini_batch
-      s_mb = s
-    else:  # the most rows of the longest length that the budget admits (batching.token_budget_groups' cost)
-      s_mb = batching.seq_bucket(cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
-      rows = row_shards
-      n = 1
-      while n <= cfg.rollouts_per_mini_batch and batching.padded_rows(n, row_shards) // row_shards * s_mb <= budget:
-        rows = batching.padded_rows(n, row_shards)
-        n += 1
-      m = 1
-    c = _pow2(rows, 1, row_shards) if method.uses_teacher else 0
-    step_rows = cfg.rollout.rollouts_per_step
-    prep_c = c if method.dynamic_weighting else 0  # prepare's groups are the update's micro-batches
+    budget, per_mb = cfg.optim.micro_batch_tokens, cfg.rollouts_per_mini_batch
+    longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    if budget is None:  # trainer.run_updates: micro_batch_size rows (a route's last one cut to batching.row_bucket)
+      rows = batching.row_bucket(cfg.micro_batch_size, cfg.micro_batch_size, row_shards)
+      c = rows if method.uses_teacher else 0
+      s_mb, m = s, cfg.micro_batches_per_mini_batch
+      prep = cfg.micro_batch_size  # trainer.row_groups: consecutive chunks of micro_batch_size
+    else:
+      def budget_rows(cost: int) -> int:
+        """batching.token_budget_groups: the most rows of `cost` tokens each under the budget (at least one per
+        row shard: a rollout over the budget gets a micro-batch of its own)."""
+        rows, n, bucket = batching.padded_rows(1, row_shards), 1, batching.seq_bucket(cost)
+        while n <= per_mb and batching.padded_rows(n, row_shards) // row_shards * bucket <= budget:
+          rows, n = batching.padded_rows(n, row_shards), n + 1
+        return rows
+
+      s_mb = batching.seq_bucket(longest)
+      rows = budget_rows(longest)
+      # batching.route_groups: an SDPO-routed rollout costs its own tokens plus its teacher sequence's.
+      c = budget_rows(longest + cfg.algo.teacher_max_tokens + cfg.rollout.max_new_tokens) if method.uses_teacher else 0
+      m = -(-per_mb // rows)
+      prep = rows  # trainer.row_groups: token_budget_groups without teacher costs, as a plain micro-batch
     sr = sp = sn = 0
     if cfg.rollout.engine == "jax":
       from srpo_jax.rollout import jax_engine as je
-      sr = je.smallest_bucket(min(step_rows, je.DEFAULT_BATCH_BUCKETS[-1]), je.DEFAULT_BATCH_BUCKETS, row_shards)
+      sr = je.smallest_bucket(min(cfg.rollout.rollouts_per_step, je.DEFAULT_BATCH_BUCKETS[-1]),
+                              je.DEFAULT_BATCH_BUCKETS, row_shards)
       sp = je.smallest_bucket(cfg.data.max_prompt_tokens, cfg.rollout.length_buckets or je.DEFAULT_PROMPT_BUCKETS)
       sn = max(cfg.rollout.max_new_tokens, cfg.eval_max_new_tokens)
     return cls(row_shards=row_shards, prompt=p, resp=t, seq=s_mb, teacher_seq=st, budget_mode=budget is not None,
-               micro_rows=rows, micro_batches=m, teacher_rows=c, prep_rows=rows, prep_teacher_rows=prep_c,
+               micro_rows=rows, teacher_rows=c, micro_batches=m, prep_rows=prep if needs_old_logp(cfg) else 0,
                sampler_rows=sr, sampler_prompt=sp, sampler_new=sn)
 
 
@@ -241,7 +275,14 @@ class Model:
     p = tree_bytes_per_device(self.params, self.shardings.params)
     return {"parameters": p, "optimizer state": tree_bytes_per_device(self.opt_state, self.shardings.opt_state),
             "teacher": p,  # the trainer keeps θ_T (a copy of the parameters) for every method
-            "gradients": p}  # fp32 accumulators like the parameters (update: inside its temporaries)
+            "gradients": p}  # accumulators like the parameters (`trainer.run_updates`: zeros_like(params))
+
+
+def resident_bytes(state: dict[str, int], program: Optional[str] = None) -> int:
+  """The state live while `program` runs: parameters, optimizer state and teacher always, the gradient accumulators
+  from a mini-batch's first `accumulate` to its `apply` (`GRADIENT_PROGRAMS`); None: the most (during an update)."""
+  total = state["parameters"] + state["optimizer state"] + state["teacher"]
+  return total + (state["gradients"] if program is None or program in GRADIENT_PROGRAMS else 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -262,15 +303,16 @@ def layer_param_count(q) -> int:
 
 
 def analytic_activations(q, shapes: Shapes, fsdp: int, tensor: int) -> dict[str, int]:
-  """Estimated temporaries per device of each program (bytes); `update`'s include its gradient accumulators.
+  """Estimated temporaries per device of each program (bytes; the gradients are state, not temporaries: `accumulate`
+  takes them donated and `apply` consumes them).
 
   Per training row of S positions: remat keeps every layer's input (L·S·D in the compute dtype); the backward
-  recomputes one layer at a time (`bwd_ws`: the residual and its gradient, q/k/v, the MLP's three [S, F]); the
-  teacher's forward holds one layer at a time (`fwd_ws`: residual, attention/MLP input, two [S, F]). Fixed: two
-  layers' weights gathered by FSDP (fp32 + compute-dtype copy), the head weight in the compute dtype, a few
-  [tile, V] fp32 tiles. `prepare` is a forward: the larger of its student and teacher passes, plus their hidden
-  states at the response positions. Calibrated on the compiled Qwen3-8B update (1 and 2 rows per device: 9.5 / 15.0
-  GiB against XLA's 9.2 / 14.3, gradients aside) and prepare (54.3 against 54.0); BUILD_NOTES.md, "Planner".
+  recomputes one layer at a time (`bwd_ws`: the residual and its gradient, q/k/v, the MLP's three [S, F]); a teacher
+  micro-batch's teacher forward holds one layer at a time (`fwd_ws`: residual, attention/MLP input, two [S, F]), and
+  both hidden states at the response positions feed the one head pass. Fixed: two layers' weights gathered by FSDP
+  (fp32 + compute-dtype copy), the head weight in the compute dtype, a few [tile, V] fp32 tiles. `prepare` is the
+  student's forward. Calibrated on the compiled Qwen3-8B update (1 and 2 rows per device: 9.5 / 15.0 GiB against
+  XLA's 9.2 / 14.3, gradients aside) and prepare (54.3 against 54.0); BUILD_NOTES.md, "Planner".
   """
   d = _dims(q)
   D, F, L, N, K, H, V = (d[k] for k in "DFLNKHV")
@@ -278,8 +320,6 @@ def analytic_activations(q, shapes: Shapes, fsdp: int, tensor: int) -> dict[str,
   pb = _itemsize(q.param_dtype)
   rs = shapes.row_shards
   tp = max(tensor, 1)
-  b = shapes.micro_rows // rs
-  c = shapes.teacher_rows // rs
   lp = layer_param_count(q)
   gathered = 2 * lp * (pb + act) / tp
   head = V * D * act / tp
@@ -292,18 +332,21 @@ def analytic_activations(q, shapes: Shapes, fsdp: int, tensor: int) -> dict[str,
   def bwd_ws(tokens):
     return tokens * (4 * D + 3 * F / tp + 2 * (N + 2 * K) * H / tp) * act
 
-  out: dict[str, int] = {}
   s, t, st = shapes.seq, shapes.resp, shapes.teacher_seq
-  saved = L * b * s * D * act if q.remat else L * bwd_ws(b * s)
-  train = saved + bwd_ws(b * s) + (fwd_ws(c * st) if c else 0) + 2 * (b + c) * t * D * act + gathered + head + tile
-  if shapes.budget_mode:
-    out["accumulate"] = int(train)  # the gradients are an input (donated), not a temporary
-    out["apply"] = int(3 * params)  # AdamW's elementwise temporaries
-  else:
-    out["update"] = int(train + params)  # + the gradient accumulators of the scan, as in XLA's temporaries
-  pr, pc = shapes.prep_rows // rs, shapes.prep_teacher_rows // rs
-  hidden = (pr + pc) * t * D * act
-  out["prepare"] = int(max(fwd_ws(pr * s), fwd_ws(pc * st) if pc else 0) + hidden + gathered / 2 + head + tile)
+
+  def train(b, c):  # one accumulate call: b student rows and c teacher rows per device
+    saved = L * b * s * D * act if q.remat else L * bwd_ws(b * s)
+    return saved + bwd_ws(b * s) + (fwd_ws(c * st) if c else 0) + 2 * (b + c) * t * D * act + gathered + head + tile
+
+  out: dict[str, int] = {}
+  for name, rows, teacher in shapes.micro_batch_kinds:
+    out[name] = int(train(rows // rs, rows // rs if teacher else 0))
+  # AdamW: the new parameters and moments are all computed before the finite check picks them or the old ones
+  # (compiled Qwen3-8B on 8 × H100: 2 parameter copies of temporaries).
+  out["apply"] = int(3 * params)
+  if shapes.prep_rows:
+    pr = shapes.prep_rows // rs
+    out["prepare"] = int(fwd_ws(pr * s) + pr * t * D * act + gathered / 2 + head + tile)
   out["ema"] = int(params)  # written in place of the donated teacher on GPUs; one fp32 copy otherwise
   if shapes.sampler_rows:
     br = shapes.sampler_rows // rs
@@ -313,7 +356,8 @@ def analytic_activations(q, shapes: Shapes, fsdp: int, tensor: int) -> dict[str,
 
 
 def analytic_flops(q, shapes: Shapes, num_devices: int) -> dict[str, float]:
-  """Matmul FLOPs per device of each program (dense matmuls 2·m·n·k; causal attention half of 4·S²·N·H per row)."""
+  """Matmul FLOPs per device of one call of each program (dense matmuls 2·m·n·k; causal attention half of 4·S²·N·H
+  per row)."""
   d = _dims(q)
   D, L, N, H, V = d["D"], d["L"], d["N"], d["H"], d["V"]
   per_token = 2 * layer_param_count(q)
@@ -325,17 +369,18 @@ def analytic_flops(q, shapes: Shapes, num_devices: int) -> dict[str, float]:
     return L * rows * 2 * N * H * seq * seq
 
   head = lambda tokens: 2 * D * V * tokens
-  s, t, b, c = shapes.seq, shapes.resp, shapes.micro_rows, shapes.teacher_rows
+  s, t = shapes.seq, shapes.resp
   remat = 1 if q.remat else 0
-  # Student: forward, the remat forward, backward (2x the matmuls; flash attention's backward 2.5x the forward).
-  student = (3 + remat) * (layers(b, s) - attn(b, s)) + (2 + remat + 0.5) * attn(b, s)
-  teacher = layers(c, shapes.teacher_seq) if c else 0
-  heads = 4 * head(b * t) + (6 * head(c * t) if c else 0)  # k=1 pass: fwd, recompute, dh, dW; SDPO: + teacher
-  train = shapes.micro_batches * (student + teacher + heads)
-  out = {("accumulate" if shapes.budget_mode else "update"): train / num_devices}
-  pr, pc = shapes.prep_rows, shapes.prep_teacher_rows
-  out["prepare"] = (layers(pr, s) + head(pr * t) + (layers(pc, shapes.teacher_seq) + head(pc * t) if pc else 0)
-                    ) / num_devices
+
+  def train(b, c):
+    # Student: forward, the remat forward, backward (2x the matmuls; flash attention's backward 2.5x the forward).
+    student = (3 + remat) * (layers(b, s) - attn(b, s)) + (2 + remat + 0.5) * attn(b, s)
+    teacher = layers(c, shapes.teacher_seq) if c else 0
+    return student + teacher + 4 * head(b * t) + (6 * head(c * t) if c else 0)  # head: fwd, recompute, dh, dW
+
+  out = {name: train(rows, rows if teacher else 0) / num_devices for name, rows, teacher in shapes.micro_batch_kinds}
+  if shapes.prep_rows:
+    out["prepare"] = (layers(shapes.prep_rows, s) + head(shapes.prep_rows * t)) / num_devices
   if shapes.sampler_rows:
     br, sp, sn = shapes.sampler_rows, shapes.sampler_prompt, shapes.sampler_new
     decode = sn * (L * br * (per_token + 4 * N * H * (sp + sn)) + head(br))
@@ -351,19 +396,16 @@ def _sds(shape, dtype):
   return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
 
-def abstract_micro_batch(lead: tuple[int, ...], b: int, s: int, t: int, c: int, st: int):
-  """A `batching.MicroBatch` of ShapeDtypeStructs ([*lead, B, ...]; teacher fields None when c == 0)."""
+def abstract_micro_batch(b: int, s: int, t: int, st: int = 0, old_logp: bool = False):
+  """A `batching.MicroBatch` of ShapeDtypeStructs: B rows of S positions and T response positions; with st > 0 a
+  teacher micro-batch (one teacher row of S_T = st positions per row), with `old_logp` the π_old field."""
   import jax.numpy as jnp
   from srpo_jax.batching import MicroBatch
   i32, f32, bl = jnp.int32, jnp.float32, jnp.bool_
-  x = lambda *shape, dt: _sds(lead + shape, dt)
-  teacher = {}
-  if c:
-    teacher = dict(t_ids=x(c, st, dt=i32), t_mask=x(c, st, dt=bl), t_start=x(c, dt=i32), t_row=x(c, dt=i32),
-                   t_valid=x(c, dt=bl))
-  return MicroBatch(ids=x(b, s, dt=i32), mask=x(b, s, dt=bl), start=x(b, dt=i32), resp=x(b, t, dt=bl),
-                    old_logp=x(b, t, dt=f32), roll_logp=x(b, t, dt=f32), adv=x(b, dt=f32), grpo=x(b, dt=bl),
-                    sdpo=x(b, dt=bl), dw=x(b, t, dt=f32), **teacher)
+  teacher = dict(t_ids=_sds((b, st), i32), t_mask=_sds((b, st), bl), t_start=_sds((b,), i32)) if st else {}
+  return MicroBatch(ids=_sds((b, s), i32), mask=_sds((b, s), bl), start=_sds((b,), i32), resp=_sds((b, t), bl),
+                    roll_logp=_sds((b, t), f32), adv=_sds((b,), f32), grpo=_sds((b,), bl), sdpo=_sds((b,), bl),
+                    old_logp=_sds((b, t), f32) if old_logp else None, **teacher)
 
 
 @dataclasses.dataclass
@@ -371,42 +413,35 @@ class Program:
   """A program to compile: how to lower it, and which of its arguments are the resident state."""
   name: str
   lower: Any  # () -> jax.stages.Lowered
-  state_args: tuple[str, ...]  # state terms passed in (counted once in the total, not again as inputs)
+  state_args: tuple[str, ...]  # state terms it takes (subtracted from XLA's argument bytes to get its batch inputs)
 
 
 def build_programs(cfg, model: Model, shapes: Shapes, mesh, donate: bool) -> list[Program]:
+  """The programs the trainer runs (`trainer.run_updates`, `trainer.prepare`, `trainer.ema_teacher`), lowered lazily
+  on abstract inputs, with the trainer's donations when `donate` (a GPU target)."""
   import jax.numpy as jnp
   from srpo_jax import aot
-  from srpo_jax.batching import TeacherRows
   from srpo_jax.train_step import LossHParams, make_train_fns
   fns = make_train_fns(model.graphdef, model.optimizer, LossHParams.from_config(cfg), model.shardings)
   p, o = model.params, model.opt_state
-  f32 = jnp.float32
+  scalar = _sds((), jnp.float32)
   s, t, st = shapes.seq, shapes.resp, shapes.teacher_seq
   don = lambda *idx: idx if donate else None
   progs = []
-  if shapes.budget_mode:
-    mb = abstract_micro_batch((), shapes.micro_rows, s, t, shapes.teacher_rows, st)
-    args = (p, p, p, mb, _sds((), f32))
-    progs.append(Program("accumulate", lambda: aot.lower_jitted(fns.accumulate, args, don(2)),
-                         ("parameters", "teacher", "gradients")))
-    a_args = (p, o, p, _sds((), f32))
-    progs.append(Program("apply", lambda: aot.lower_jitted(fns.apply, a_args, don(0, 1, 2)),
-                         ("parameters", "optimizer state", "gradients")))
-  else:
-    mbs = abstract_micro_batch((shapes.micro_batches,), shapes.micro_rows, s, t, shapes.teacher_rows, st)
-    args = (p, o, p, mbs, _sds((), f32))
-    progs.append(Program("update", lambda: aot.lower_jitted(fns.update, args, don(0, 1)),
-                         ("parameters", "optimizer state", "teacher")))
-  pr, pc = shapes.prep_rows, shapes.prep_teacher_rows
-  i32, bl = jnp.int32, jnp.bool_
-  tr = None
-  if pc:
-    tr = TeacherRows(ids=_sds((pc, st), i32), mask=_sds((pc, st), bl), start=_sds((pc,), i32),
-                     row=_sds((pc,), i32), valid=_sds((pc,), bl))
-  p_args = (p, p, _sds((pr, s), i32), _sds((pr, s), bl), _sds((pr,), i32), _sds((pr, t), bl), tr)
-  progs.append(Program("prepare", lambda: aot.lower_jitted(fns.prepare, p_args), ("parameters", "teacher")))
-  e_args = (p, p, _sds((), f32))
+  for name, rows, teacher in shapes.micro_batch_kinds:
+    mb = abstract_micro_batch(rows, s, t, st if teacher else 0, old_logp=shapes.old_logp)
+    args = (p, p, p, scalar, mb, scalar)  # params, teacher, grads (donated), scale, micro-batch, denominator
+    # jit drops unused arguments: a plain micro-batch's program does not take the teacher.
+    state = ("parameters", "teacher", "gradients") if teacher else ("parameters", "gradients")
+    progs.append(Program(name, lambda args=args: aot.lower_jitted(fns.accumulate, args, don(2)), state))
+  a_args = (p, o, p, scalar, scalar)  # params, optimizer state, grads, loss, scale
+  progs.append(Program("apply", lambda: aot.lower_jitted(fns.apply, a_args, don(0, 1, 2)),
+                       ("parameters", "optimizer state", "gradients")))
+  if shapes.prep_rows:
+    pr, i32, bl = shapes.prep_rows, jnp.int32, jnp.bool_
+    p_args = (p, _sds((pr, s), i32), _sds((pr, s), bl), _sds((pr,), i32), _sds((pr, t), bl))
+    progs.append(Program("prepare", lambda: aot.lower_jitted(fns.prepare, p_args), ("parameters",)))
+  e_args = (p, p, scalar)
   progs.append(Program("ema", lambda: aot.lower_jitted(fns.ema, e_args, don(0)), ("parameters", "teacher")))
   if shapes.sampler_rows:
     progs.append(Program("sampler", lambda: _lower_sampler(cfg, model, shapes, mesh), ("parameters",)))
@@ -444,7 +479,7 @@ class ProgramPlan:
   inputs: int        # non-state inputs (batches) per device
   temporaries: int
   outputs: int       # outputs not written in place of donated inputs
-  total: int         # resident state + inputs + temporaries + outputs
+  total: int         # the state resident while it runs (`resident_bytes`) + inputs + temporaries + outputs
   flops: float       # per device: HLO-counted when compiled, else analytic
   analytic_flops: float
   collectives: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -477,9 +512,14 @@ class Plan:
 
   @property
   def resident(self) -> int:
-    s = self.state
-    budget_mode = any(p.name == "accumulate" for p in self.programs)
-    return s["parameters"] + s["optimizer state"] + s["teacher"] + (s["gradients"] if budget_mode else 0)
+    """The most state resident at once (during an update: the gradients too)."""
+    return resident_bytes(self.state)
+
+  def add_program(self, name: str, inputs: int, temporaries: int, outputs: int, **kw) -> ProgramPlan:
+    prog = ProgramPlan(name=name, inputs=inputs, temporaries=temporaries, outputs=outputs,
+                       total=resident_bytes(self.state, name) + inputs + temporaries + outputs, **kw)
+    self.programs.append(prog)
+    return prog
 
   @property
   def peak(self) -> ProgramPlan:
@@ -536,12 +576,7 @@ def make_plan(cfg, target: Target, *, config_name: str = "", analytic: bool = Fa
     plan.notes.append("not compiled: the resident state alone exceeds JAX's share (exact from shapes and shardings)")
     return plan
   if analytic:
-    for name, temp in act.items():
-      inputs = _input_bytes(name, shapes, q_full)
-      out = _output_bytes(name, plan.state, shapes)
-      plan.programs.append(ProgramPlan(name=name, inputs=inputs, temporaries=temp, outputs=out,
-                                       total=plan.resident + inputs + temp + out,
-                                       flops=fl.get(name, 0.0), analytic_flops=fl.get(name, 0.0)))
+    _add_analytic_programs(plan, act, shapes, q_full, fl)
     return plan
   # Compiled: the real programs on the target's devices.
   if target.is_gpu and not aot.cuda_plugin_available():
@@ -600,45 +635,53 @@ def make_plan(cfg, target: Target, *, config_name: str = "", analytic: bool = Fa
     loops = results[depths[-1]][name]["loops"]  # while loops with a data-dependent exit: HLO counts them once
     a_fl = (analytic_flops(q_full, _prepare_what_if(cfg, shapes, prepare_rows), num_devices)["prepare"] if what_if
             else fl.get(name, 0.0))
-    plan.programs.append(ProgramPlan(
-        name=name, inputs=inputs, temporaries=temp, outputs=out, total=plan.resident + inputs + temp + out,
-        flops=a_fl if loops else float(value("flops")), analytic_flops=a_fl, collectives=last.collectives,
-        cudnn_attention=last.cudnn_attention, compile_s=sum(results[d][name]["summ"].compile_s for d in depths),
-        argument_bytes=int(value("args")), what_if=what_if))
+    plan.add_program(
+        name, inputs, temp, out, flops=a_fl if loops else float(value("flops")), analytic_flops=a_fl,
+        collectives=last.collectives, cudnn_attention=last.cudnn_attention,
+        compile_s=sum(results[d][name]["summ"].compile_s for d in depths), argument_bytes=int(value("args")),
+        what_if=what_if)
     if loops:
       plan.notes.append(f"{name}: FLOPs analytic (its {loops} while loop(s) have a data-dependent exit, which the HLO "
                         f"count takes once)")
   if prepare_rows:
-    plan.notes.append(f"prepare/{prepare_rows}: what-if, prepare called on {prepare_rows} rollouts at a time (the "
-                      f"trainer calls it on {shapes.prep_rows}, a micro-batch); not in the verdict")
+    now = (f"the trainer calls it on {shapes.prep_rows}, a micro-batch" if shapes.prep_rows else
+           "this config's trainer runs no prepare")
+    plan.notes.append(f"prepare/{prepare_rows}: what-if, prepare called on {prepare_rows} rollouts at a time ({now}); "
+                      f"not in the verdict")
   return plan
 
 
 def _prepare_what_if(cfg, shapes: Shapes, rows: int) -> Shapes:
-  c = _pow2(rows, 1, shapes.row_shards) if shapes.prep_teacher_rows else 0
-  return dataclasses.replace(shapes, prep_rows=rows, prep_teacher_rows=c)
+  return dataclasses.replace(shapes, prep_rows=rows)
+
+
+def _add_analytic_programs(plan: Plan, act: dict[str, int], shapes: Shapes, q, fl: dict[str, float]) -> None:
+  for name, temp in act.items():
+    plan.add_program(name, _input_bytes(name, shapes, q), temp, _output_bytes(name, shapes),
+                     flops=fl.get(name, 0.0), analytic_flops=fl.get(name, 0.0))
 
 
 def _input_bytes(name: str, shapes: Shapes, q) -> int:
-  """Per-device bytes of a program's batch inputs (analytic path)."""
+  """Per-device bytes of a program's batch inputs (analytic path; `abstract_micro_batch`'s fields)."""
   rs = shapes.row_shards
   s, t, st = shapes.seq, shapes.resp, shapes.teacher_seq
-  row = lambda seq, resp: seq * 5 + resp * 13 + 11  # ids i32 + mask; resp mask, old/roll logp, dw; start, adv, flags
-  if name in ("update", "accumulate"):
-    m = shapes.micro_batches
-    return int(m * (shapes.micro_rows * row(s, t) + shapes.teacher_rows * (st * 5 + 10)) / rs)
+  # ids i32 + mask; resp mask, roll logp (+ old logp); start, adv, grpo, sdpo. A teacher row: t_ids + t_mask, t_start.
+  row = s * 5 + t * (5 + (4 if shapes.old_logp else 0)) + 10
+  for kind, rows, teacher in shapes.micro_batch_kinds:
+    if name == kind:
+      return int(rows * (row + (st * 5 + 4 if teacher else 0)) / rs)
   if name == "prepare":
-    return int((shapes.prep_rows * (s * 5 + t + 4) + shapes.prep_teacher_rows * (st * 5 + 10)) / rs)
+    return int(shapes.prep_rows * (s * 5 + t + 4) / rs)
   if name == "sampler":
     return int(shapes.sampler_rows * (shapes.sampler_prompt * 5 + 9) / rs + q.vocab_size)
   return 0
 
 
-def _output_bytes(name: str, state: dict[str, int], shapes: Shapes) -> int:
+def _output_bytes(name: str, shapes: Shapes) -> int:
   """Per-device outputs not written in place of a donated input (analytic path, GPU donation as the trainer)."""
   rs = shapes.row_shards
   if name == "prepare":
-    return int(shapes.prep_rows * shapes.resp * 8 / rs)
+    return int(shapes.prep_rows * shapes.resp * 4 / rs)
   if name == "sampler":
     return int(shapes.sampler_rows * shapes.sampler_new * 8 / rs)
   return 0
@@ -646,9 +689,15 @@ def _output_bytes(name: str, state: dict[str, int], shapes: Shapes) -> int:
 
 def _shape_notes(cfg, shapes: Shapes) -> list[str]:
   notes = []
+  if shapes.teacher_rows and not shapes.budget_mode:
+    notes.append(f"{ACCUMULATE}: a plain micro-batch (no teacher) of the same rows as {ACCUMULATE_T}, which bounds it "
+                 f"in memory and FLOPs: not compiled separately")
   if shapes.teacher_rows and shapes.budget_mode:
-    notes.append("token budget: the teacher rows of a micro-batch are planned at its rows × the longest teacher row; "
-                 "a micro-batch of many short rollouts has more (unbudgeted) teacher rows")
+    notes.append("token budget: each micro-batch kind planned at the longest rollouts; a teacher micro-batch's "
+                 "rollouts count their teacher tokens against the budget (batching.route_groups), so it has fewer rows")
+  if not shapes.prep_rows:
+    notes.append("no prepare: one optimizer step per training step, π_old = stop_gradient(π_θ) inside the update "
+                 "(trainer.needs_old_logp; --config.optim.recompute_old_logp=True plans it)")
   return notes
 
 
@@ -656,11 +705,11 @@ def _shape_notes(cfg, shapes: Shapes) -> list[str]:
 # What to change when it does not fit
 # ---------------------------------------------------------------------------------------------------------------------
 def largest_term(plan: Plan) -> tuple[str, int]:
-  """The biggest single term of the peak: a resident state term, or the peak program's inputs / temporaries /
-  outputs (the gradients count as state only where they are resident: between `accumulate` calls)."""
-  budget_mode = any(p.name == "accumulate" for p in plan.programs)
-  terms = {k: v for k, v in plan.state.items() if k != "gradients" or budget_mode}
+  """The biggest single term of the peak: a state term resident during the peak program (the gradients only in
+  accumulate / apply), or that program's inputs / temporaries / outputs."""
   p = plan.peak
+  grads = p is None or p.name in GRADIENT_PROGRAMS
+  terms = {k: v for k, v in plan.state.items() if k != "gradients" or grads}
   if p is not None:
     terms[f"{p.name} temporaries"] = p.temporaries
     terms[f"{p.name} inputs"] = p.inputs
@@ -684,7 +733,7 @@ def suggestion(cfg, plan: Plan) -> str:
   p = plan.peak
   if p is None:
     return "no setting found"
-  if p.name in ("update", "accumulate", "prepare"):
+  if p.name in (ACCUMULATE, ACCUMULATE_T, "prepare"):
     fit = _fitting_micro_batch(cfg, plan, p)
     if fit is not None:
       rows, tokens, total = fit
@@ -700,23 +749,27 @@ def suggestion(cfg, plan: Plan) -> str:
 
 def _fitting_micro_batch(cfg, plan: Plan, p: ProgramPlan) -> Optional[tuple[int, int, int]]:
   """The largest micro-batch (rows, a multiple of the row shards dividing the mini-batch) with which program `p`
-  (update, accumulate or prepare: they share the micro-batches) fits, its token budget per device and estimated
-  total: the plan's temporaries scaled by `analytic_activations`' ratio."""
-  key = "prepare" if p.name == "prepare" else "update"
+  (an accumulate or prepare: they share the micro-batches' rows) fits at a fixed micro_batch_size, its token budget
+  per device (a plain micro-batch's rows at the longest length; a teacher micro-batch under that budget has fewer)
+  and estimated total: the plan's temporaries scaled by `analytic_activations`' ratio."""
   rs = plan.shapes["row_shards"]
   q = model_config(cfg, TARGETS.get(plan.target, TARGETS["h100x1"]))
   per_mb = cfg.rollouts_per_mini_batch
+  fsdp, tensor = plan.mesh["fsdp"], plan.mesh["tensor"]
+
+  def train_temps(acts):  # the accumulate kind a fixed-size plan has (the teacher one, where there is one)
+    return acts[p.name] if p.name == "prepare" else acts.get(ACCUMULATE_T, acts.get(ACCUMULATE))
 
   def temps(rows):
     c = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, micro_batch_size=rows, micro_batch_tokens=None))
-    return analytic_activations(q, Shapes.from_config(c, rs), plan.mesh["fsdp"], plan.mesh["tensor"])[key]
+    return train_temps(analytic_activations(q, Shapes.from_config(c, rs), fsdp, tensor))
 
-  now = temps(plan.shapes["micro_rows"])
+  now = analytic_activations(q, Shapes(**plan.shapes), fsdp, tensor)[p.name]
   best = None
   for rows in range(rs, per_mb + 1, rs):
     if per_mb % rows:
       continue
-    total = plan.resident + p.inputs + p.outputs + int(p.temporaries * temps(rows) / now)
+    total = p.total - p.temporaries + int(p.temporaries * temps(rows) / now)
     if total <= plan.budget:
       best = (rows, rows // rs * plan.shapes["seq"], total)
   return best
@@ -737,16 +790,19 @@ def format_plan(plan: Plan) -> str:
                f"K={q['num_key_value_heads']} F={q['intermediate_size']} V={q['vocab_size']}, {q['dtype']} compute, "
                f"{q['param_dtype']} params, remat={q['remat']}, attention={q['attention']}; mesh "
                + " ".join(f"{k}={v}" for k, v in plan.mesh.items()))
-  train = ("accumulate/apply, one micro-batch per call" if s["budget_mode"] else
-           f"update: scan over {s['micro_batches']} micro-batches")
   per_dev = s["micro_rows"] // s["row_shards"]
-  text = (f"shapes: S = {s['prompt']} + {s['resp']} = {s['seq']} positions; {train} of {s['micro_rows']} rollouts "
-          f"({per_dev} per device = {per_dev * s['seq']:,} tokens per device)")
+  sizing = "under a token budget, at the longest rollouts" if s["budget_mode"] else "fixed micro_batch_size"
+  m = s["micro_batches"]
+  text = (f"shapes: S = {s['prompt']} + {s['resp']} = {s['seq']} positions; {m} accumulate call{'s' * (m != 1)} "
+          f"and one apply per optimizer step ({sizing}): ")
+  kinds = []
   if s["teacher_rows"]:
-    text += f", {s['teacher_rows']} teacher rows × {s['teacher_seq']}"
-  text += f"; prepare {s['prep_rows']} rollouts"
-  if s["prep_teacher_rows"]:
-    text += f" + {s['prep_teacher_rows']} teacher rows"
+    kinds.append(f"{ACCUMULATE_T} {s['teacher_rows']} rollouts, each beside its teacher row of {s['teacher_seq']}")
+  if not s["teacher_rows"] or s["budget_mode"]:
+    kinds.append(f"{ACCUMULATE} {s['micro_rows']} rollouts ({per_dev} per device = {per_dev * s['seq']:,} tokens "
+                 f"per device)")
+  text += "; ".join(kinds)
+  text += f"; prepare {s['prep_rows']} rollouts per call" if s["prep_rows"] else "; no prepare (on-policy)"
   if s["sampler_rows"]:
     text += f"; sampler {s['sampler_rows']} × ({s['sampler_prompt']} + {s['sampler_new']})"
   lines.append(text)
@@ -757,21 +813,20 @@ def format_plan(plan: Plan) -> str:
   lines.append("per device (GiB):")
   for k in ("parameters", "optimizer state", "teacher"):
     lines.append(f"  {k:<34}{_g(st[k]):>9}")
-  budget_mode = any(p.name == "accumulate" for p in plan.programs)
-  lines.append(f"  {'gradients':<34}{_g(st['gradients']):>9}" +
-               ("  (resident between accumulate calls)" if budget_mode else "  (inside update's temporaries)"))
+  lines.append(f"  {'gradients':<34}{_g(st['gradients']):>9}  (resident from a mini-batch's first accumulate to "
+               f"its apply)")
   if plan.programs:
     names = [p.name for p in plan.programs]
-    lines.append(f"  {'program':<34}" + "".join(f"{n:>12}" for n in names))
+    lines.append(f"  {'program':<34}" + "".join(f"{n:>14}" for n in names))
     rows = [("inputs (batch)", lambda p: _g(p.inputs)), ("temporaries", lambda p: _g(p.temporaries)),
-            ("outputs (not in place)", lambda p: _g(p.outputs)), ("total (state + the above)", lambda p: _g(p.total)),
-            ("FLOPs per device (T)", lambda p: f"{p.flops / 1e12:.1f}"),
+            ("outputs (not in place)", lambda p: _g(p.outputs)), ("total (live state + the above)", lambda p: _g(p.total)),
+            ("FLOPs per device per call (T)", lambda p: f"{p.flops / 1e12:.1f}"),
             ("  analytic (T)", lambda p: f"{p.analytic_flops / 1e12:.1f}"),
             ("cuDNN flash attention", lambda p: "-" if p.cudnn_attention is None else
              ("yes" if p.cudnn_attention else "no")),
             ("compile s", lambda p: "-" if p.compile_s is None else f"{p.compile_s:.0f}")]
     for label, f in rows:
-      lines.append(f"  {label:<34}" + "".join(f"{f(p):>12}" for p in plan.programs))
+      lines.append(f"  {label:<34}" + "".join(f"{f(p):>14}" for p in plan.programs))
     for p in plan.programs:
       if p.collectives:
         lines.append(f"  collectives in {p.name}: " + ", ".join(f"{k} {v}" for k, v in sorted(p.collectives.items())))
@@ -828,10 +883,7 @@ def check_fits_analytic(cfg, mesh=None, devices=None) -> Optional[Plan]:
               model=dataclasses.asdict(q), shapes=dataclasses.asdict(shapes), device_memory=limit, fraction=1.0,
               fraction_source="JAX's allocator limit (bytes_limit)", state=model.state_bytes(), programs=[],
               mode="analytic")
-  for name, temp in analytic_activations(q, shapes, sizes["fsdp"], sizes["tensor"]).items():
-    inputs, out = _input_bytes(name, shapes, q), _output_bytes(name, plan.state, shapes)
-    plan.programs.append(ProgramPlan(name=name, inputs=inputs, temporaries=temp, outputs=out,
-                                     total=plan.resident + inputs + temp + out, flops=0.0, analytic_flops=0.0))
+  _add_analytic_programs(plan, analytic_activations(q, shapes, sizes["fsdp"], sizes["tensor"]), shapes, q, {})
   if not plan.fits:
     raise DoesNotFit(failure_message(cfg, plan) + " (analytic estimate; `python -m srpo_jax.plan` compiles the "
                      "programs for a target without the GPU)")

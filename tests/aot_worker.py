@@ -1,9 +1,11 @@
 """Run with .venv-aot/bin/python (JAX's CUDA plugin, no GPU needed): tests/test_plan.py's deviceless checks.
 
-Compiles a small Qwen3's real `update` program (train_step.make_train_fns, SRPO with teacher rows) for an 8 × H100
-topology (mesh fsdp=8) and for one H100, and prints one JSON line: whether cuDNN flash attention and the FSDP
-collectives are in the 8-device program, both programs' FLOPs per device (counted from the optimised HLO), the
-8-device program's temporaries and the planner's analytic bound for them. Then runs the planner's CLI on the paper's
+Compiles a small Qwen3's real `accumulate` program on a teacher micro-batch (train_step.make_train_fns, SRPO: every
+row SDPO-routed beside its teacher row, gradients donated) for an 8 × H100 topology (mesh fsdp=8) and for one H100,
+and the 8-device `apply`, and prints one JSON line: whether cuDNN flash attention and the FSDP collectives are in the
+8-device accumulate, both accumulate programs' FLOPs per device (counted from the optimised HLO), the 8-device
+programs' temporaries and the planner's analytic bounds for them, and XLA's argument bytes against the planner's
+state + batch. Then runs the planner's CLI on the paper's
 Qwen3-8B config for one H100 without sharding (must fail on the state terms) and records its exit status and message.
 """
 import json
@@ -16,12 +18,10 @@ from srpo_jax import aot
 aot.ensure_cuda_env()  # before jax creates its backends
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 from srpo_jax import plan  # noqa: E402
 from srpo_jax.config import AlgoConfig  # noqa: E402
 from srpo_jax.models.qwen3 import Qwen3Config  # noqa: E402
-from srpo_jax.train_step import LossHParams, make_train_fns  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small Qwen3 shape (bf16 compute, fp32 parameters, remat, cuDNN attention): 8 rollouts of 512 positions (256
@@ -33,37 +33,47 @@ ROWS, PROMPT, RESP, TEACHER_PROMPT = 8, 256, 256, 512
 
 
 class _Cfg:
-  """The few config fields `plan.Model.build` reads."""
+  """The few config fields `plan.Model.build` and `plan.build_programs` (LossHParams.from_config) read."""
   lr = 1e-5
+  algo = AlgoConfig(name="srpo", topk=16)
+  loss_agg = "token-mean"
+
+  class rollout:  # noqa: N801
+    temperature = 1.0
 
   class optim:  # noqa: N801
     warmup_steps, weight_decay, b1, b2, eps, grad_clip = 0, 0.01, 0.9, 0.999, 1e-8, 1.0
 
 
-def compile_update(num_devices: int):
+def compile_programs(num_devices: int):
+  """The planner's own `build_programs` on the worker's shapes: accumulate_t and apply (on-policy: no prepare)."""
   mesh = aot.make_mesh(aot.topology_devices(plan.TARGETS["h100x8"].config_text(), num_devices),
                        {"data": 1, "fsdp": num_devices, "tensor": 1})
   model = plan.Model.build(_Cfg, QCFG, mesh)
-  fns = make_train_fns(model.graphdef, model.optimizer, LossHParams(algo=AlgoConfig(name="srpo", topk=16)),
-                       model.shardings)
   s = PROMPT + RESP
-  mbs = plan.abstract_micro_batch((1,), ROWS, s, RESP, ROWS, TEACHER_PROMPT + RESP)
-  args = (model.params, model.opt_state, model.params, mbs, jax.ShapeDtypeStruct((), jnp.float32))
-  compiled, summ = aot.compile_lowered("update", aot.lower_jitted(fns.update, args, donate_argnums=(0, 1)))
   shapes = plan.Shapes(row_shards=num_devices, prompt=PROMPT, resp=RESP, seq=s, teacher_seq=TEACHER_PROMPT + RESP,
-                       budget_mode=False, micro_rows=ROWS, micro_batches=1, teacher_rows=ROWS, prep_rows=ROWS,
-                       prep_teacher_rows=0, sampler_rows=0, sampler_prompt=0, sampler_new=0)
-  bound = plan.analytic_activations(QCFG, shapes, num_devices, 1)["update"]  # gradients included
-  return summ, aot.hlo_flops(compiled.as_text()), bound
+                       budget_mode=False, micro_rows=ROWS, teacher_rows=ROWS, micro_batches=1, prep_rows=0,
+                       sampler_rows=0, sampler_prompt=0, sampler_new=0)
+  progs = {p.name: p for p in plan.build_programs(_Cfg, model, shapes, mesh, donate=True)}
+  bounds = plan.analytic_activations(QCFG, shapes, num_devices, 1)
+  state = model.state_bytes()
+  batch = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+      plan.abstract_micro_batch(ROWS, s, RESP, TEACHER_PROMPT + RESP))) // num_devices
+  out = {"programs": sorted(progs)}
+  for name in (plan.ACCUMULATE_T, "apply") if num_devices > 1 else (plan.ACCUMULATE_T,):
+    compiled, summ = aot.compile_lowered(name, progs[name].lower())
+    flops = aot.hlo_flops(compiled.as_text())
+    out[name] = {"cudnn_attention": summ.cudnn_attention, "collectives": summ.collectives,
+                 "flops": flops.total, "attention_flops": flops.attention, "temp_bytes": summ.temp_bytes,
+                 "analytic_bound": bounds[name], "unknown_trip_counts": flops.unknown_trip_counts,
+                 "argument_bytes": summ.argument_bytes, "alias_bytes": summ.alias_bytes,
+                 "state_in": sum(state[k] for k in progs[name].state_args), "batch": batch if name != "apply" else 0,
+                 "gradients": state["gradients"]}
+  return out
 
 
 def main():
-  out = {}
-  for n in (1, 8):
-    summ, flops, bound = compile_update(n)
-    out[str(n)] = {"cudnn_attention": summ.cudnn_attention, "collectives": summ.collectives,
-                   "flops": flops.total, "attention_flops": flops.attention, "temp_bytes": summ.temp_bytes,
-                   "analytic_bound": bound, "unknown_trip_counts": flops.unknown_trip_counts}
+  out = {str(n): compile_programs(n) for n in (1, 8)}
   proc = subprocess.run([sys.executable, "-m", "srpo_jax.plan", "--config=configs/qwen3_8b.py", "--target=h100x1",
                          "--config.mesh.fsdp=1"], cwd=REPO, capture_output=True, text=True, timeout=600)
   out["h100x1_fsdp1"] = {"rc": proc.returncode, "stderr_tail": proc.stderr[-3000:], "stdout": proc.stdout[-3000:]}

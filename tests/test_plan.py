@@ -1,10 +1,12 @@
 """The memory planner (srpo_jax/plan.py, srpo_jax/aot.py).
 
-CPU-only (this venv): the planner's shapes, its exact state accounting, JAX's memory share, the HLO FLOP counter and
-the CLI's exit codes on the `cpu` target with the tiny config. Deviceless (the CUDA plugin's venv, .venv-aot, run as
-a subprocess: the plugin must not be in this venv): a small Qwen3's update program compiled for 8 × H100 holds cuDNN
-flash attention and FSDP all-gather / reduce-scatter, does 1/8 of the 1-device program's FLOPs per device, and stays
-under the planner's analytic bound; the paper's 8B config on one unsharded H100 exits non-zero naming the state terms.
+CPU-only (this venv): the planner's shapes (against the trainer's own micro-batch grouping and layout), the programs
+it plans (those the trainer runs), its exact state accounting, JAX's memory share, the HLO FLOP counter and the CLI's
+exit codes on the `cpu` target with the tiny config. Deviceless (the CUDA plugin's venv, .venv-aot, run as a
+subprocess: the plugin must not be in this venv): a small Qwen3's accumulate program on a teacher micro-batch compiled
+for 8 × H100 holds cuDNN flash attention and FSDP all-gather / reduce-scatter, does 1/8 of the 1-device program's
+FLOPs per device, and stays under the planner's analytic bound; the paper's 8B config on one unsharded H100 exits
+non-zero naming the state terms.
 """
 import importlib.util
 import json
@@ -15,9 +17,10 @@ import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from srpo_jax import aot, plan
+from srpo_jax import aot, batching, plan, trainer
 from srpo_jax.config import ConfigError, apply_overrides
 from tests.e2e_utils import REPO
 
@@ -39,17 +42,91 @@ def test_shapes_of_the_paper_config():
   s = plan.Shapes.from_config(cfg, row_shards=8)
   assert (s.prompt, s.resp, s.seq) == (2048, 8192, 10240)
   assert s.teacher_seq == 16384 + 8192  # bucket of algo.teacher_max_tokens=10240, then the response
-  assert (s.micro_rows, s.micro_batches, s.teacher_rows) == (16, 16, 16)  # 256 rollouts / 16
-  assert (s.prep_rows, s.prep_teacher_rows) == (16, 16)  # prepare per micro-batch, DW teacher on every row
+  assert (s.micro_rows, s.teacher_rows, s.micro_batches) == (16, 16, 16)  # 256 rollouts / 16; C = B
+  assert s.prep_rows == 0 and not s.old_logp  # srpo: one optimizer step per training step, no prepare
+  assert s.micro_batch_kinds == [(plan.ACCUMULATE_T, 16, True)]  # the teacher micro-batch bounds the plain one
   assert s.sampler_rows == 0  # rollout.engine = sglang
   assert s.tokens_per_device == 2 * 10240
+  g = plan.Shapes.from_config(load_config("configs/qwen3_8b.py", param="grpo"), row_shards=8)
+  assert trainer.needs_old_logp(load_config("configs/qwen3_8b.py", param="grpo"))  # 4 optimizer steps
+  assert (g.prep_rows, g.teacher_rows, g.micro_batches, g.teacher_seq) == (16, 0, 4, 0)  # 64 rollouts / 16
+  assert g.micro_batch_kinds == [(plan.ACCUMULATE, 16, False)] and g.old_logp
+  forced = plan.Shapes.from_config(load_config("configs/qwen3_8b.py", {"optim.recompute_old_logp": True}), 8)
+  assert forced.prep_rows == 16
 
 
-def test_shapes_under_a_token_budget():
-  cfg = load_config("configs/qwen3_8b.py", {"optim.micro_batch_tokens": 20480})
-  s = plan.Shapes.from_config(cfg, row_shards=8)
-  assert s.budget_mode and s.micro_batches == 1
-  assert s.micro_rows == 16 and s.tokens_per_device == 20480
+def _trainer_groups(cfg, n_sdpo: int):
+  """The trainer's own micro-batches (trainer.update_groups) of one mini-batch whose rollouts are all the longest:
+  full prompts, full responses and, for the first n_sdpo (SDPO-routed), full teacher prompts."""
+  per = cfg.rollouts_per_mini_batch
+  longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+  batch = types.SimpleNamespace(mask=np.ones((per, longest), bool))
+  sdpo = np.arange(per) < n_sdpo
+  sc = types.SimpleNamespace(sdpo=sdpo)
+  responses = [np.zeros(cfg.rollout.max_new_tokens, np.int32)] * per
+  t_prompts = {r: [0] * cfg.algo.teacher_max_tokens for r in range(n_sdpo)}
+  groups = trainer.update_groups(np.arange(per), batch, sc, t_prompts, responses, cfg, row_multiple=8)
+  return [g for g in groups if sdpo[g[0]]], [g for g in groups if not sdpo[g[0]]]
+
+
+def test_shapes_under_a_token_budget_match_the_trainers_groups():
+  """Each micro-batch kind is planned at the rows the trainer's grouping gives the longest rollouts: a plain one
+  under the budget by its own tokens, a teacher one by its own and its teacher sequence's (fewer rows)."""
+  for budget, plain, teacher in ((20480, 16, 8), (61440, 32, 16)):
+    cfg = load_config("configs/qwen3_8b.py", {"optim.micro_batch_tokens": budget})
+    s = plan.Shapes.from_config(cfg, row_shards=8)
+    assert s.budget_mode and (s.micro_rows, s.teacher_rows) == (plain, teacher), budget
+    assert s.micro_batch_kinds == [(plan.ACCUMULATE_T, teacher, True), (plan.ACCUMULATE, plain, False)]
+    t_groups, p_groups = _trainer_groups(cfg, n_sdpo=128)
+    assert max(batching.padded_rows(len(g), 8) for g in t_groups) == s.teacher_rows
+    assert max(batching.padded_rows(len(g), 8) for g in p_groups) == s.micro_rows
+    assert s.micro_batches == -(-256 // plain)
+  assert plan.Shapes.from_config(load_config("configs/qwen3_8b.py", {"optim.micro_batch_tokens": 20480}),
+                                 8).tokens_per_device == 20480
+
+
+def test_abstract_micro_batch_is_the_trainers_layout():
+  """The planner's abstract micro-batch has the fields, shapes and dtypes of batching.micro_batch's (teacher and
+  plain, with and without π_old): a program compiled on it is the one the trainer runs."""
+  n, p_len, t_len, tp_len = 4, 16, 8, 32
+  rng = np.random.default_rng(0)
+  prompts = [list(rng.integers(1, 50, p_len)) for _ in range(n)]
+  responses = [list(rng.integers(1, 50, t_len)) for _ in range(n)]
+  seq = batching.sequences(prompts, responses, p_len, t_len, pad=0)
+  for old in (None, np.zeros((n, t_len), np.float32)):
+    for sdpo in (True, False):
+      arrays = batching.StepArrays(ids=seq.ids, mask=seq.mask, start=seq.start, resp=seq.resp,
+                                   roll_logp=np.zeros((n, t_len), np.float32), adv=np.zeros(n, np.float32),
+                                   grpo=np.full(n, not sdpo), sdpo=np.full(n, sdpo), old_logp=old)
+      t_prompts = {r: list(rng.integers(1, 50, tp_len)) for r in range(n)}
+      real = batching.micro_batch(range(n), arrays, t_prompts, responses, 0, num_rows=n, seq_len=p_len + t_len,
+                                  resp_len=t_len)
+      st = tp_len + t_len if sdpo else 0
+      abstract = plan.abstract_micro_batch(n, p_len + t_len, t_len, st, old_logp=old is not None)
+      spec = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), np.dtype(x.dtype)), tree)
+      assert jax.tree.structure(real) == jax.tree.structure(abstract)
+      assert spec(real) == spec(abstract), (old is not None, sdpo)
+
+
+def test_planned_programs_are_the_trainers():
+  """accumulate + apply always, prepare only where trainer.needs_old_logp, both micro-batch kinds under a budget;
+  the gradients count in accumulate and apply only."""
+  def names(overrides=None, param=""):
+    cfg = load_config("configs/qwen3_8b.py", overrides, param)
+    shapes = plan.Shapes.from_config(cfg, 8)
+    q = plan.model_config(cfg, plan.TARGETS["h100x8"])
+    model = plan.Model.build(cfg, q, plan._abstract_mesh(cfg.mesh.axis_sizes(8)))
+    built = [p.name for p in plan.build_programs(cfg, model, shapes, None, donate=True)]  # lowered lazily: no mesh
+    assert set(built) == set(plan.analytic_activations(q, shapes, 8, 1)), built
+    return built
+  assert names() == [plan.ACCUMULATE_T, "apply", "ema"]
+  assert names(param="grpo") == [plan.ACCUMULATE, "apply", "prepare", "ema"]
+  assert names({"optim.recompute_old_logp": True}) == [plan.ACCUMULATE_T, "apply", "prepare", "ema"]
+  assert names({"optim.micro_batch_tokens": 20480}) == [plan.ACCUMULATE_T, plan.ACCUMULATE, "apply", "ema"]
+  st = {"parameters": 1, "optimizer state": 10, "teacher": 100, "gradients": 1000}
+  assert plan.resident_bytes(st, plan.ACCUMULATE_T) == plan.resident_bytes(st, "apply") == plan.resident_bytes(st)
+  assert plan.resident_bytes(st, plan.ACCUMULATE) == 1111
+  assert plan.resident_bytes(st, "prepare") == plan.resident_bytes(st, "ema") == 111
 
 
 def test_placeholder_model_path_plans_the_published_shape():
@@ -134,9 +211,7 @@ def _plan_with(cfg, temporaries: int, resident_scale: float = 1.0) -> plan.Plan:
   p = plan.Plan(config="x", target="h100x8", device="H100", num_devices=8, mesh=sizes, model={},
                 shapes=dataclasses_asdict(shapes), device_memory=80 * 2**30, fraction=0.55, fraction_source="",
                 state=state, programs=[], mode="analytic")
-  resident = p.resident
-  p.programs.append(plan.ProgramPlan(name="update", inputs=0, temporaries=temporaries, outputs=0,
-                                     total=resident + temporaries, flops=0.0, analytic_flops=0.0))
+  p.add_program(plan.ACCUMULATE_T, 0, temporaries, 0, flops=0.0, analytic_flops=0.0)
   return p
 
 
@@ -149,7 +224,8 @@ def test_suggestion_for_activations_is_a_valid_micro_batch():
   cfg = load_config("configs/qwen3_8b.py", {"optim.micro_batch_size": 64})
   p = _plan_with(cfg, temporaries=80 * 2**30)
   assert not p.fits
-  assert plan.largest_term(p)[0] == "update temporaries"
+  assert plan.largest_term(p)[0] == "accumulate_t temporaries"
+  assert p.peak.total == p.resident + 80 * 2**30  # the gradients are live in accumulate
   msg = plan.suggestion(cfg, p)
   rows = int(msg.split("micro_batch_size=")[1].split(" ")[0])
   assert rows % 8 == 0 and cfg.rollouts_per_mini_batch % rows == 0 and rows < 64
@@ -193,15 +269,21 @@ def test_cli_fits_on_cpu_compiled(tmp_path):
   assert "FITS" in proc.stdout
   res = json.loads(out.read_text())
   names = {p["name"] for p in res["programs"]}
-  assert names == {"update", "prepare", "ema", "sampler"}  # tiny: jax engine, DW teacher in prepare
-  update = next(p for p in res["programs"] if p["name"] == "update")
-  assert update["compile_s"] is not None and update["flops"] > 0
+  assert names == {"accumulate_t", "apply", "ema", "sampler"}  # tiny: srpo on-policy (no prepare), jax engine
+  programs = {p["name"]: p for p in res["programs"]}
+  acc = programs["accumulate_t"]
+  assert acc["compile_s"] is not None and acc["flops"] > 0
   # XLA's argument bytes = the planner's exact state + the batch of the shapes it planned (one CPU device).
   st, sh = res["state"], res["shapes"]
-  mb = plan.abstract_micro_batch((sh["micro_batches"],), sh["micro_rows"], sh["seq"], sh["resp"], sh["teacher_rows"],
-                                 sh["teacher_seq"])
-  batch = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(mb)) + 4  # + the denominator
-  assert update["argument_bytes"] == st["parameters"] + st["optimizer state"] + st["teacher"] + batch
+  mb = plan.abstract_micro_batch(sh["teacher_rows"], sh["seq"], sh["resp"], sh["teacher_seq"])
+  batch = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(mb)) + 8  # + the scale and the denominator
+  assert acc["argument_bytes"] == st["parameters"] + st["teacher"] + st["gradients"] + batch
+  assert programs["apply"]["argument_bytes"] == st["parameters"] + st["optimizer state"] + st["gradients"] + 8
+  # Totals: the gradients are live in accumulate and apply, not in ema.
+  resident = st["parameters"] + st["optimizer state"] + st["teacher"]
+  for name, p in programs.items():
+    grads = st["gradients"] if name in ("accumulate_t", "apply") else 0
+    assert p["total"] == resident + grads + p["inputs"] + p["temporaries"] + p["outputs"], name
 
 
 def test_cli_analytic_extrapolated_and_bad_inputs(tmp_path):
@@ -218,18 +300,19 @@ def test_cli_analytic_extrapolated_and_bad_inputs(tmp_path):
 
 def test_cli_analytic_on_a_gpu_target_needs_no_plugin(tmp_path):
   """The paper's 8B config on 8 × H100, analytically (no CUDA plugin in this venv): every program fits JAX's 43.5 GiB,
-  the update is the peak."""
+  the teacher micro-batch's accumulate is the peak."""
   out = tmp_path / "plan.json"
   proc = run_plan("--config=configs/qwen3_8b.py", "--target=h100x8", "--analytic", f"--json={out}")
   assert proc.returncode == plan.EXIT_FITS, proc.stderr[-3000:]
   res = json.loads(out.read_text())
   programs = {p["name"]: p for p in res["programs"]}
-  assert max(programs.values(), key=lambda p: p["total"])["name"] == "update"
+  assert set(programs) == {"accumulate_t", "apply", "ema"}
+  assert max(programs.values(), key=lambda p: p["total"])["name"] == "accumulate_t"
   assert res["total"] <= res["budget"] == int(0.55 * 84942979072)
   # Without micro-batches (the whole 256-rollout mini-batch in one forward) it does not, and says what would.
   proc = run_plan("--config=configs/qwen3_8b.py", "--target=h100x8", "--analytic", "--config.optim.micro_batch_size=256")
   assert proc.returncode == plan.EXIT_DOES_NOT_FIT
-  assert "Largest term: update temporaries" in proc.stderr and "micro_batch_size=" in proc.stderr
+  assert "Largest term: accumulate_t temporaries" in proc.stderr and "micro_batch_size=" in proc.stderr
 
 
 def test_cli_does_not_fit_names_the_state():
@@ -244,7 +327,7 @@ def test_cli_does_not_fit_names_the_state():
 # ---------------------------------------------------------------------------------------------------------------------
 # Deviceless: compiled for 8 × H100 without a GPU (the CUDA plugin's venv)
 # ---------------------------------------------------------------------------------------------------------------------
-def test_deviceless_h100_update_program():
+def test_deviceless_h100_accumulate_program():
   if not os.path.exists(AOT_PYTHON):
     msg = f"{AOT_PYTHON} missing: `make aot-env` installs JAX's CUDA plugin there (make test does)"
     if os.environ.get("CI") == "true":
@@ -256,7 +339,8 @@ def test_deviceless_h100_update_program():
                         timeout=1500)
   assert proc.returncode == 0, proc.stderr[-4000:]
   res = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
-  one, eight = res["1"], res["8"]
+  assert res["8"]["programs"] == ["accumulate_t", "apply", "ema"]  # on-policy SRPO: no prepare
+  one, eight = res["1"]["accumulate_t"], res["8"]["accumulate_t"]
   assert eight["cudnn_attention"] and one["cudnn_attention"]
   assert eight["collectives"].get("all-gather", 0) > 0 and eight["collectives"].get("reduce-scatter", 0) > 0
   assert eight["unknown_trip_counts"] == 0
@@ -264,9 +348,17 @@ def test_deviceless_h100_update_program():
   ratio = eight["flops"] / one["flops"]
   assert 0.115 <= ratio <= 0.135, ratio
   assert eight["attention_flops"] * 8 == pytest.approx(one["attention_flops"])
-  # Temporaries under the planner's analytic bound (activations + gradients), and the bound not vacuous.
-  assert eight["temp_bytes"] <= eight["analytic_bound"], eight
-  assert eight["temp_bytes"] >= 0.25 * eight["analytic_bound"], eight
+  acc, apply = res["8"]["accumulate_t"], res["8"]["apply"]
+  # XLA takes exactly the planner's state and batch (+ two scalars each).
+  assert acc["argument_bytes"] == acc["state_in"] + acc["batch"] + 8, acc
+  assert apply["argument_bytes"] == apply["state_in"] + 8, apply
+  # accumulate writes the gradients in place; apply the parameters and optimizer state.
+  assert acc["alias_bytes"] == acc["gradients"], acc
+  assert apply["alias_bytes"] >= apply["state_in"] - apply["gradients"], apply
+  # Temporaries under the planner's analytic bound, and the accumulate's bound not vacuous.
+  assert acc["temp_bytes"] <= acc["analytic_bound"], acc
+  assert acc["temp_bytes"] >= 0.25 * acc["analytic_bound"], acc
+  assert apply["temp_bytes"] <= apply["analytic_bound"], apply
   h1 = res["h100x1_fsdp1"]
   assert h1["rc"] == plan.EXIT_DOES_NOT_FIT, h1
   assert "parameters" in h1["stderr_tail"] and "optimizer state" in h1["stderr_tail"]
