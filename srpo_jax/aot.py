@@ -50,11 +50,15 @@ def cuda_plugin_available() -> bool:
   return True
 
 
-def topology_devices(target_config_text: str, num_devices: int):
-  """Abstract devices of `num_devices` GPUs described by a GpuTargetConfig text (one host)."""
+def topology_devices(target_config_text: str, num_devices: int, num_hosts: int = 1):
+  """Abstract devices of `num_devices` GPUs described by a GpuTargetConfig text, on `num_hosts` hosts of
+  num_devices / num_hosts GPUs each (topology "slices x hosts x devices per host"; listed host by host, each device
+  carrying its host as process_index, as `jax.devices()` lists a multi-process run's)."""
+  if num_devices % num_hosts:
+    raise ValueError(f"{num_devices} devices do not split over {num_hosts} hosts")
   ensure_cuda_env()
   from jax.experimental import topologies
-  topo = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{num_devices}",
+  topo = topologies.get_topology_desc(platform="cuda", topology=f"1x{num_hosts}x{num_devices // num_hosts}",
                                       target_config=target_config_text)
   return list(topo.devices)
 

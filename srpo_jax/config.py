@@ -747,6 +747,16 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any]
   return out
 
 
+def apply_mesh_layout(cfg: ml_collections.ConfigDict, layout: Mapping[str, Any], source: str = "--mesh"
+                      ) -> ml_collections.ConfigDict:
+  """`cfg` with a mesh layout (`--mesh=configs/mesh/*.py`: a ConfigDict of `MeshConfig` fields) over its mesh
+  section; a key MeshConfig lacks raises ConfigError naming `source`."""
+  try:
+    return apply_overrides(cfg, {f"mesh.{k}": v for k, v in dict(layout).items()})
+  except ConfigError as e:
+    raise ConfigError(f"{source}: {e}") from None
+
+
 def check_override_flags(argv: Sequence[str], flag_name: str = "config") -> None:
   """Raises ConfigError for a `--config.x.y=v` argument whose key the base config lacks.
 

@@ -1,6 +1,8 @@
-"""`python -m srpo_jax.main --config=configs/tiny.py [--config.algo.name=grpo ...]`: train, evaluate, summarise.
+"""`python -m srpo_jax.main --config=configs/tiny.py [--config.algo.name=grpo ...] [--mesh=configs/mesh/8gpu.py]`:
+train, evaluate, summarise.
 
-Loads the config file locked, applies `--config.a.b=v` overrides, validates once (every error names the field and
+Loads the config file locked, applies `--config.a.b=v` overrides, then the `--mesh` layout (configs/mesh/*.py, its
+own `--mesh.fsdp=...` overrides applied) over the mesh section, validates once (every error names the field and
 value, before anything compiles), then runs the trainer and prints a summary table and the path of a plot.
 """
 from __future__ import annotations
@@ -16,6 +18,15 @@ from srpo_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:param]).",
                                           lock_config=True)
+_MESH = config_flags.DEFINE_config_file("mesh", None, "Optional mesh layout (configs/mesh/*.py[:param]) applied over "
+                                        "the config's mesh section.", lock_config=True)
+
+
+def build_config(raw, mesh_layout=None) -> config_lib.Config:
+  """The run's validated config: the config file with its overrides, then the mesh layout (if any) over it."""
+  if mesh_layout is not None:
+    raw = config_lib.apply_mesh_layout(raw, mesh_layout)
+  return config_lib.validate(raw)
 
 
 def main(argv):
@@ -27,7 +38,7 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
   logging.getLogger("srpo_jax").setLevel(logging.INFO)
   try:
-    cfg = config_lib.validate(_CONFIG.value)
+    cfg = build_config(_CONFIG.value, _MESH.value)
   except config_lib.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)

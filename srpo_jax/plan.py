@@ -1,6 +1,8 @@
-"""Will the run fit? `python -m srpo_jax.plan --config=configs/qwen3_8b.py[:param] --target=h100x8 [--config.x=...]`
+"""Will the run fit? `python -m srpo_jax.plan --config=configs/qwen3_8b.py[:param] --target=h100x8 [--config.x=...]
+[--mesh=configs/mesh/8gpu.py]`
 
-For a target (`TARGETS`: h100x8, h200x8, h20x8, a100x8, h100x1, cpu) the planner builds the run's real jitted
+For a target (`TARGETS`: h100x8, h100x4, h100x2, h100x1, h200x8, h20x8, a100x8, cpu; with a mesh.num_processes of
+N, e.g. `--mesh=configs/mesh/nodes.py:N`, N nodes of the target's GPUs) the planner builds the run's real jitted
 programs -- the train step's `accumulate` (one micro-batch's gradient, added to the accumulators) and `apply` (one
 AdamW step per mini-batch), `prepare` (π_old) where the trainer runs it (`trainer.needs_old_logp`: several optimizer
 steps per training step, or `optim.recompute_old_logp`), `ema`, and the JAX sampler when `rollout.engine == "jax"` --
@@ -80,7 +82,8 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
-    Target("h100x8", "h100_sxm.txtpb", 8), Target("h100x1", "h100_sxm.txtpb", 1),
+    Target("h100x8", "h100_sxm.txtpb", 8), Target("h100x4", "h100_sxm.txtpb", 4),
+    Target("h100x2", "h100_sxm.txtpb", 2), Target("h100x1", "h100_sxm.txtpb", 1),
     Target("h200x8", "h200.txtpb", 8), Target("h20x8", "h20.txtpb", 8),
     Target("a100x8", "a100_sxm_80.txtpb", 8), Target("cpu", None, 0),
 )}
@@ -120,6 +123,10 @@ def planning_config(raw) -> Any:
       raise config_lib.ConfigError(f"model.path={path!r}: not an HF directory, and no Qwen3 size in its name to plan "
                                    f"with; pass --config.model.random_init=8b (or a real checkpoint directory)")
     d["model"] = {**m, "path": None, "random_init": key}
+  mesh = d.get("mesh", {})
+  if mesh.get("num_processes", 1) > 1 and not mesh.get("coordinator"):
+    # A multi-node layout (configs/mesh/nodes.py) gets its coordinator from the launcher; planning starts no process.
+    d["mesh"] = {**mesh, "coordinator": "planned-only:0"}
   return config_lib.validate(d, check_files=False)
 
 
@@ -505,6 +512,7 @@ class Plan:
   programs: list[ProgramPlan]
   mode: str  # "compiled", "compiled (L layers, extrapolated linearly)", "analytic", "state only"
   notes: list[str] = dataclasses.field(default_factory=list)
+  num_hosts: int = 1  # nodes (one process each: mesh.num_processes), each with num_devices / num_hosts devices
 
   @property
   def budget(self) -> int:
@@ -554,7 +562,11 @@ def make_plan(cfg, target: Target, *, config_name: str = "", analytic: bool = Fa
   if target.is_gpu:
     aot.ensure_cuda_env()  # before jax creates its backends
   import jax
-  num_devices = target.num_devices if target.is_gpu else len(jax.devices("cpu"))
+  hosts = cfg.mesh.num_processes  # one process per node: the target is each node's GPUs (nodes × target)
+  if hosts > 1 and not target.is_gpu:
+    raise RuntimeError(f"mesh.num_processes={hosts}: the cpu target plans this one process; use a GPU target (each "
+                       f"of the {hosts} nodes holds the target's GPUs, e.g. --target=h100x8)")
+  num_devices = target.num_devices * hosts if target.is_gpu else len(jax.devices("cpu"))
   sizes = cfg.mesh.axis_sizes(num_devices)
   row_shards = sizes["data"] * sizes["fsdp"]
   shapes = Shapes.from_config(cfg, row_shards)
@@ -563,7 +575,7 @@ def make_plan(cfg, target: Target, *, config_name: str = "", analytic: bool = Fa
   plan = Plan(config=config_name, target=target.name, device=target.device_name(), num_devices=num_devices,
               mesh=sizes, model=dict(dataclasses.asdict(q_full)), shapes=dataclasses.asdict(shapes),
               device_memory=target.device_memory_bytes(num_devices), fraction=fraction, fraction_source=source,
-              state={}, programs=[], mode="analytic" if analytic else "compiled")
+              state={}, programs=[], mode="analytic" if analytic else "compiled", num_hosts=hosts)
   abstract = _abstract_mesh(sizes)
   full = Model.build(cfg, q_full, abstract)
   plan.state = full.state_bytes()
@@ -584,7 +596,7 @@ def make_plan(cfg, target: Target, *, config_name: str = "", analytic: bool = Fa
                        f"`make aot-env` and use .venv-aot/bin/python (or pip install -e '.[gpu]'); --analytic needs "
                        f"no compiler")
   if target.is_gpu:
-    mesh = aot.make_mesh(aot.topology_devices(target.config_text(), num_devices), sizes)
+    mesh = aot.make_mesh(aot.topology_devices(target.config_text(), num_devices, num_hosts=hosts), sizes)
   else:
     from srpo_jax import sharding
     mesh = sharding.make_mesh(**sizes, devices=jax.devices("cpu"))
@@ -689,6 +701,10 @@ def _output_bytes(name: str, shapes: Shapes) -> int:
 
 def _shape_notes(cfg, shapes: Shapes) -> list[str]:
   notes = []
+  if not shapes.budget_mode and cfg.micro_batch_size % shapes.row_shards:
+    notes.append(f"optim.micro_batch_size={cfg.micro_batch_size} is padded up to {shapes.micro_rows} rows (a multiple "
+                 f"of the {shapes.row_shards} row shards, mesh.data × mesh.fsdp): the extra rows are wasted work; "
+                 f"use a multiple of {shapes.row_shards}")
   if shapes.teacher_rows and not shapes.budget_mode:
     notes.append(f"{ACCUMULATE}: a plain micro-batch (no teacher) of the same rows as {ACCUMULATE_T}, which bounds it "
                  f"in memory and FLOPs: not compiled separately")
@@ -726,7 +742,8 @@ def suggestion(cfg, plan: Plan) -> str:
       if state_per_fsdp / fsdp <= 0.6 * budget:
         need = fsdp * plan.mesh["tensor"]
         where = (f"--config.mesh.fsdp={fsdp} --config.mesh.data=-1" if need <= plan.num_devices else
-                 f"{fsdp} devices (e.g. --target=h100x8 --config.mesh.fsdp={fsdp})" if fsdp <= 8 else
+                 f"{fsdp} devices (--mesh=configs/mesh/{fsdp}gpu.py, i.e. mesh.fsdp={fsdp}; plan it with "
+                 f"--target=h100x{fsdp})" if fsdp <= 8 else
                  f"mesh.fsdp={fsdp} over {need} devices (more than one 8-GPU node)")
         return (f"shard the parameters, optimizer state and teacher over more devices: {where} "
                 f"(state {state_per_fsdp / fsdp / GiB:.1f} GiB per device)")
@@ -784,7 +801,10 @@ def _g(x: Optional[float]) -> str:
 
 def format_plan(plan: Plan) -> str:
   q, s = plan.model, plan.shapes
-  lines = [f"srpo_jax.plan: {plan.config} on {plan.target} ({plan.num_devices} × {plan.device}; "
+  hosts = plan.num_hosts
+  where = (f"{hosts} nodes × {plan.num_devices // hosts} = {plan.num_devices} × {plan.device}" if hosts > 1 else
+           f"{plan.num_devices} × {plan.device}")
+  lines = [f"srpo_jax.plan: {plan.config} on {plan.target} ({where}; "
            + ("deviceless compile, no GPU ran" if TARGETS[plan.target].is_gpu else "this machine's CPU") + ")"]
   lines.append(f"model: D={q['hidden_size']} L={q['num_hidden_layers']} N={q['num_attention_heads']} "
                f"K={q['num_key_value_heads']} F={q['intermediate_size']} V={q['vocab_size']}, {q['dtype']} compute, "
@@ -866,9 +886,11 @@ def check_fits_analytic(cfg, mesh=None, devices=None) -> Optional[Plan]:
   devices = list(devices)
   if not devices or devices[0].platform != "gpu":
     return None
+  # A multi-process mesh holds other processes' devices too: read the limit from one of this process's.
+  local = next((d for d in devices if d.process_index == jax.process_index()), devices[0])
   stats = {}
   try:
-    stats = devices[0].memory_stats() or {}
+    stats = local.memory_stats() or {}
   except Exception:  # noqa: BLE001 - some backends have no memory statistics
     pass
   limit = int(stats.get("bytes_limit", 0))
@@ -908,7 +930,8 @@ def main(argv) -> int:
     print(f"--target={FLAGS.target!r}: expected one of {', '.join(TARGETS)}", file=sys.stderr)
     return EXIT_BAD_INPUT
   try:
-    cfg = planning_config(FLAGS.config)
+    raw = FLAGS.config if FLAGS.mesh is None else config_lib.apply_mesh_layout(FLAGS.config, FLAGS.mesh)
+    cfg = planning_config(raw)
   except config_lib.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     return EXIT_BAD_INPUT
@@ -921,6 +944,8 @@ def main(argv) -> int:
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   from ml_collections import config_flags
   name = config_flags.get_config_filename(FLAGS["config"])
+  if FLAGS.mesh is not None:
+    name += " --mesh=" + config_flags.get_config_filename(FLAGS["mesh"])
   try:
     plan = make_plan(cfg, target, config_name=name or "", analytic=FLAGS.analytic, layers=layers,
                      prepare_rows=FLAGS.prepare_rows, log=log)
@@ -941,6 +966,9 @@ def _define_flags():
   from absl import flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:param]).", lock_config=True)
+  config_flags.DEFINE_config_file("mesh", None, "Optional mesh layout (configs/mesh/*.py[:param]) over the config's "
+                                  "mesh section, as srpo_jax.main's --mesh; mesh.num_processes > 1 plans that many "
+                                  "nodes of the target's GPUs.", lock_config=True)
   flags.DEFINE_string("target", "h100x8", f"One of {', '.join(TARGETS)}.")
   flags.DEFINE_bool("analytic", False, "Skip the compiler: exact state terms, estimated activations.")
   flags.DEFINE_string("layers", None, "Compile with this many layers (N, or two depths a,b) and extrapolate the "

@@ -4,8 +4,8 @@ Compiles a small Qwen3's real `accumulate` program on a teacher micro-batch (tra
 row SDPO-routed beside its teacher row, gradients donated) for an 8 × H100 topology (mesh fsdp=8) and for one H100,
 and the 8-device `apply`, and prints one JSON line: whether cuDNN flash attention and the FSDP collectives are in the
 8-device accumulate, both accumulate programs' FLOPs per device (counted from the optimised HLO), the 8-device
-programs' temporaries and the planner's analytic bounds for them, and XLA's argument bytes against the planner's
-state + batch. Then runs the planner's CLI on the paper's
+programs' temporaries and the planner's analytic bounds for them, XLA's argument bytes against the planner's
+state + batch, and the hosts of a 2-node × 8 topology's devices. Then runs the planner's CLI on the paper's
 Qwen3-8B config for one H100 without sharding (must fail on the state terms) and records its exit status and message.
 """
 import json
@@ -74,6 +74,7 @@ def compile_programs(num_devices: int):
 
 def main():
   out = {str(n): compile_programs(n) for n in (1, 8)}
+  out["two_hosts"] = [d.process_index for d in aot.topology_devices(plan.TARGETS["h100x8"].config_text(), 16, 2)]
   proc = subprocess.run([sys.executable, "-m", "srpo_jax.plan", "--config=configs/qwen3_8b.py", "--target=h100x1",
                          "--config.mesh.fsdp=1"], cwd=REPO, capture_output=True, text=True, timeout=600)
   out["h100x1_fsdp1"] = {"rc": proc.returncode, "stderr_tail": proc.stderr[-3000:], "stdout": proc.stdout[-3000:]}

@@ -241,12 +241,20 @@ def test_suggestion_for_state_names_fsdp():
 def test_early_check_skips_cpu_and_fails_on_a_small_gpu():
   cfg = load_config("configs/qwen3_8b.py", {"mesh.fsdp": 1})
   assert plan.check_fits_analytic(cfg) is None  # CPU: nothing to check
-  fake = types.SimpleNamespace(platform="gpu", device_kind="fake H100",
+  fake = types.SimpleNamespace(platform="gpu", device_kind="fake H100", process_index=0,
                                memory_stats=lambda: {"bytes_limit": int(0.55 * 84942979072)})
   with pytest.raises(plan.DoesNotFit, match="parameters .*optimizer state"):
     plan.check_fits_analytic(cfg, devices=[fake])
   # Eight such GPUs with the paper's fsdp=8 mesh: it fits (no mesh object needed for the estimate).
   assert plan.check_fits_analytic(load_config("configs/qwen3_8b.py"), devices=[fake] * 8).fits
+
+  def remote_stats():
+    raise RuntimeError("memory_stats of another process's device")
+  # A multi-process mesh lists other processes' devices first on process 1..N: the limit comes from a local one.
+  remote = types.SimpleNamespace(platform="gpu", device_kind="fake H100", process_index=1, memory_stats=remote_stats)
+  checked = plan.check_fits_analytic(load_config("configs/qwen3_8b.py", {"mesh.data": -1}),
+                                     devices=[remote] * 8 + [fake] * 8)
+  assert checked is not None and checked.device_memory == int(0.55 * 84942979072)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -315,6 +323,28 @@ def test_cli_analytic_on_a_gpu_target_needs_no_plugin(tmp_path):
   assert "Largest term: accumulate_t temporaries" in proc.stderr and "micro_batch_size=" in proc.stderr
 
 
+def test_cli_mesh_layout_plans_n_nodes(tmp_path):
+  """--mesh=configs/mesh/nodes.py:2 on h100x8: 2 nodes × 8 H100s (data 2 across them, fsdp 8 inside), the state per
+  device of one node's, one rollout per device; the cpu target refuses a multi-process layout."""
+  out = tmp_path / "plan.json"
+  proc = run_plan("--config=configs/qwen3_8b.py", "--mesh=configs/mesh/nodes.py:2", "--target=h100x8", "--analytic",
+                  f"--json={out}")
+  assert proc.returncode == plan.EXIT_FITS, proc.stderr[-3000:]
+  assert "2 nodes × 8 = 16 × NVIDIA H100" in proc.stdout and "--mesh=configs/mesh/nodes.py" in proc.stdout
+  res = json.loads(out.read_text())
+  assert (res["num_devices"], res["num_hosts"], res["mesh"]) == (16, 2, {"data": 2, "fsdp": 8, "tensor": 1})
+  assert res["shapes"]["row_shards"] == 16 and res["shapes"]["teacher_rows"] == 16  # 16 rows: one per device
+  proc = run_plan("--config=configs/qwen3_8b.py", "--mesh=configs/mesh/8gpu.py", "--target=h100x8", "--analytic",
+                  f"--json={out}")
+  assert proc.returncode == plan.EXIT_FITS, proc.stderr[-3000:]
+  one_node = json.loads(out.read_text())
+  assert res["state"] == one_node["state"]  # data parallelism across nodes does not shrink the state per device
+  acc = lambda r: next(p for p in r["programs"] if p["name"] == "accumulate_t")["temporaries"]
+  assert acc(res) < acc(one_node)  # half the rows per device
+  proc = run_plan("--config=configs/qwen3_8b.py", "--mesh=configs/mesh/nodes.py:2", "--target=cpu")
+  assert proc.returncode == plan.EXIT_BAD_INPUT and "mesh.num_processes=2" in proc.stderr
+
+
 def test_cli_does_not_fit_names_the_state():
   """Qwen3-8B's fp32 state on one CPU device (this machine's RAM): exit 1, the largest term and a fix named."""
   proc = run_plan("--config=configs/qwen3_8b.py", "--config.mesh.fsdp=1", "--target=cpu")
@@ -359,6 +389,7 @@ def test_deviceless_h100_accumulate_program():
   assert acc["temp_bytes"] <= acc["analytic_bound"], acc
   assert acc["temp_bytes"] >= 0.25 * acc["analytic_bound"], acc
   assert apply["temp_bytes"] <= apply["analytic_bound"], apply
+  assert res["two_hosts"] == [0] * 8 + [1] * 8  # a 2-node topology lists its devices node by node
   h1 = res["h100x1_fsdp1"]
   assert h1["rc"] == plan.EXIT_DOES_NOT_FIT, h1
   assert "parameters" in h1["stderr_tail"] and "optimizer state" in h1["stderr_tail"]
