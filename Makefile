@@ -44,10 +44,12 @@ compare: $(STAMP)  # make compare SEEDS=3: every method on seeds 0, 1, 2 (srpo_j
 	rm -rf runs/tiny_compare
 	$(BIN)/python -m srpo_jax.compare --config=configs/tiny.py --seeds=$(SEEDS)
 
+# One worker per core, a test file per worker (module fixtures run once); the suite is compile-bound on CPU.
 test: $(STAMP) $(AOT_STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n auto --dist loadfile tests
 
-bench: $(STAMP)
+bench: $(STAMP)  # each prints a table of ratios measured side by side in one run (bench/*.py docstrings)
+	$(BIN)/python bench/step.py
 	$(BIN)/python bench/loss_memory.py
 	$(BIN)/python bench/sampler.py
 

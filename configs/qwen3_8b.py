@@ -11,8 +11,8 @@ def get_config(param: str = ""):
   # 8B with fp32 master weights, AdamW moments and an fp32 EMA teacher is ~160 GB: shard it 8 ways (ZeRO-3 style).
   c = config.paper_config("Qwen3-8B", param, mesh={"data": 1, "fsdp": 8, "tensor": 1})
   # 16 rollouts per forward/backward: 2 per GPU, 20,480 tokens per device. `python -m srpo_jax.plan
-  # --target=h100x8` compiles the update at 33.4 GiB per device of JAX's 43.5 (55% of an 80 GB H100), with
-  # remat (BUILD_NOTES.md, "Planner"). A multiple of the 8 row shards (mesh.data × mesh.fsdp) dividing every
+  # --target=h100x8` compiles a teacher micro-batch's accumulate at 31.0 GiB per device of JAX's 43.5 (apply 26.7),
+  # with remat (BUILD_NOTES.md, "Planner"). A multiple of the 8 row shards (mesh.data × mesh.fsdp) dividing every
   # method's mini-batch (grpo: 64 rollouts).
   c.optim.micro_batch_size = 16
   return c

@@ -1,6 +1,6 @@
 """Host-side batch assembly: ragged rollouts → padded, bucketed arrays for the jitted train step.
 
-The batch layout is defined here (`MicroBatch`, `TeacherRows`); `train_step` consumes it. Shapes are padded up to
+The batch layout is defined here (`MicroBatch`, `route_groups`); `train_step` consumes it. Shapes are padded up to
 powers of two so a run compiles a small, known set of programs. Every row is RIGHT-padded: its prompt, its response,
 then padding up to S = P + T positions (P, T: the buckets of the longest prompt and response), so each row's valid
 tokens are a prefix (what cuDNN flash attention needs: per-row lengths instead of a mask) and row b's response starts

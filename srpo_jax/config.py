@@ -757,6 +757,14 @@ def apply_mesh_layout(cfg: ml_collections.ConfigDict, layout: Mapping[str, Any],
     raise ConfigError(f"{source}: {e}") from None
 
 
+
+def build_config(raw, mesh_layout=None) -> Config:
+  """The run's validated config: the config file with its overrides, then the mesh layout (if any) over it
+  (`python -m srpo_jax.main --config=... --mesh=...`)."""
+  if mesh_layout is not None:
+    raw = apply_mesh_layout(raw, mesh_layout)
+  return validate(raw)
+
 def check_override_flags(argv: Sequence[str], flag_name: str = "config") -> None:
   """Raises ConfigError for a `--config.x.y=v` argument whose key the base config lacks.
 

@@ -22,13 +22,6 @@ _MESH = config_flags.DEFINE_config_file("mesh", None, "Optional mesh layout (con
                                         "the config's mesh section.", lock_config=True)
 
 
-def build_config(raw, mesh_layout=None) -> config_lib.Config:
-  """The run's validated config: the config file with its overrides, then the mesh layout (if any) over it."""
-  if mesh_layout is not None:
-    raw = config_lib.apply_mesh_layout(raw, mesh_layout)
-  return config_lib.validate(raw)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -38,7 +31,7 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
   logging.getLogger("srpo_jax").setLevel(logging.INFO)
   try:
-    cfg = build_config(_CONFIG.value, _MESH.value)
+    cfg = config_lib.build_config(_CONFIG.value, _MESH.value)
   except config_lib.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -69,15 +69,14 @@ def test_layout_errors_name_the_flag_and_key():
 
 
 def test_main_applies_the_mesh_flag():
-  from srpo_jax import main
   spec = importlib.util.spec_from_file_location("cfg_tiny", os.path.join(REPO, "configs", "tiny.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   raw = config_lib.apply_overrides(module.get_config(""), {"mesh.coordinator": "127.0.0.1:1", "mesh.fsdp": 1})
-  cfg = main.build_config(raw, load_layout("nodes.py:2"))
+  cfg = config_lib.build_config(raw, load_layout("nodes.py:2"))
   # The layout's values win over the config's; what it does not set (the launcher's coordinator) is kept.
   assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.num_processes, cfg.mesh.coordinator) == (2, 8, 2, "127.0.0.1:1")
-  assert main.build_config(raw).mesh.fsdp == 1  # no layout: the config's own
+  assert config_lib.build_config(raw).mesh.fsdp == 1  # no layout: the config's own
 
 
 def test_main_mesh_flag_reaches_validation(tmp_path):
