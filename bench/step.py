@@ -263,14 +263,16 @@ def projection(mfu: float) -> None:
   shapes = plan.Shapes.from_config(cfg, row_shards=8)
   per_device = plan.analytic_flops(q, shapes, 8)
   # analytic_flops: per device and per call of each program (accumulate: one micro-batch).
-  calls = {"accumulate": cfg.micro_batches_per_mini_batch * cfg.optimizer_steps_per_step,
+  # Every rollout SDPO-routed: each micro-batch is a teacher micro-batch (`accumulate_t`).
+  calls = {"accumulate_t": cfg.micro_batches_per_mini_batch * cfg.optimizer_steps_per_step,
            "prepare": cfg.micro_batches_per_mini_batch if T.needs_old_logp(cfg) else 0}
   per_step = sum(per_device.get(k, 0.0) * n for k, n in calls.items()) * 8
   if not per_step:
     raise ValueError(f"no accumulate/prepare FLOPs in the planner's count {sorted(per_device)}")
   h100 = 989e12
   print(f"\n4. PROJECTION (not measured): Qwen3-8B srpo step at the paper's shapes (256 rollouts, prompt "
-        f"{cfg.data.max_prompt_tokens} + response {cfg.rollout.max_new_tokens} tokens, every rollout SDPO-routed): "
+        f"{cfg.data.max_prompt_tokens} + response {cfg.rollout.max_new_tokens} tokens, every rollout SDPO-routed and "
+        f"at the maximum lengths, teacher rows at the full teacher budget: an upper bound): "
         f"{per_step / 1e15:.1f} PFLOP of train-side matmuls; at {mfu:.0%} MFU of 8 × H100 (989 TFLOP/s dense bf16 "
         f"each) {per_step / (8 * h100 * mfu):.1f} s per step, rollouts excluded")
   print("   paper, measured on 8 × H20 (whole step, rollouts included), s/step at 1 h / 5 h / 10 h: "

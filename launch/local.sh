@@ -7,6 +7,9 @@
 #   launch/local.sh 2 4 launch/check_mesh.py --config=configs/tiny.py --mesh=configs/mesh/nodes.py:2 --mesh.fsdp=4
 #   launch/local.sh 2 4 -m srpo_jax.main --config=configs/tiny.py --mesh=configs/mesh/nodes.py:2 --mesh.fsdp=4
 #
+# (The trainer loop itself is single-process so far — BUILD_NOTES.md, "Known gaps": the second line starts the
+# processes and their shared mesh, but a training step across processes is not supported yet.)
+#
 # Process i (0 <= i < NPROC) runs `$PYTHON PYTHON_ARGS... <mesh flags>` from the repository root with
 # JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES_PER_PROC, where the mesh flags are
 # --config.mesh.coordinator=127.0.0.1:PORT --config.mesh.process_id=i and the process count: --mesh.num_processes=N
@@ -22,7 +25,7 @@
 set -euo pipefail
 
 if [[ $# -lt 3 || ! "$1" =~ ^[1-9][0-9]*$ || ! "$2" =~ ^[1-9][0-9]*$ ]]; then
-  sed -n '2,22p' "$0" >&2
+  sed -n '2,25p' "$0" >&2
   exit 2
 fi
 NPROC="$1"; DEVICES="$2"; shift 2
