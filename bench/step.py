@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from srpo_jax import methods  # noqa: E402
+from srpo_jax import batching, methods  # noqa: E402
 from srpo_jax import trainer as T  # noqa: E402
 from srpo_jax.config import AlgoConfig, CheckpointConfig, Config, OptimConfig, RolloutConfig, TrainConfig  # noqa
 from srpo_jax.models.qwen3 import Qwen3Config, init_model  # noqa: E402
@@ -92,7 +92,8 @@ class Setup:
     """Routing with `sdpo_frac` of the rollouts failed with a correct sibling (SRPO's SDPO rows)."""
     failed = np.zeros(self.rows, bool)
     failed[:round(sdpo_frac * self.rows)] = True
-    failed[::8] = False if sdpo_frac < 1 else failed[::8]  # a correct rollout per group (the siblings' teacher)
+    if sdpo_frac < 1:
+      failed[::8] = False  # a correct rollout per group (the siblings' teacher)
     correct, has_teacher = ~failed, np.ones(self.rows, bool)
     grpo, sdpo = methods.get(method).route_masks(correct, has_teacher)
     return T.Scored(rewards=correct.astype(np.float32), adv=self.adv, grpo=grpo, sdpo=sdpo,
@@ -118,8 +119,7 @@ class Setup:
 
 def update_flops(s: Setup, cfg, sc) -> float:
   """XLA cost analysis of the programs `run_updates` calls for this step (each compiled program × its calls)."""
-  from srpo_jax import batching
-  run, fns, state = s.step_fn(cfg, sc)
+  _, fns, state = s.step_fn(cfg, sc)
   arrays = batching.StepArrays(ids=s.batch.ids, mask=s.batch.mask, start=s.batch.start, resp=s.batch.resp,
                                roll_logp=s.batch.roll_logp, adv=sc.adv, grpo=sc.grpo, sdpo=sc.sdpo)
   rows = np.arange(s.rows)
@@ -158,7 +158,6 @@ def torch_step(s: Setup, sc, runs: int) -> float:
   pos = torch.tensor(np.clip(b.start[:, None] + np.arange(t_len), 0, b.ids.shape[1] - 1))
   targets = torch.gather(ids, 1, pos)
   rows = np.flatnonzero(sc.sdpo)
-  from srpo_jax import batching
   tr = batching.teacher_sequences(rows, s.teacher_prompts, s.responses, t_len, PAD, num_rows=len(rows))
   t_ids, t_mask = torch.tensor(tr.ids, dtype=torch.long), torch.tensor(tr.mask)
   t_pos = torch.tensor(np.clip(tr.start[:, None] + np.arange(t_len), 0, tr.ids.shape[1] - 1))
@@ -236,7 +235,7 @@ def main():
   rows.append(("sdpo", float(sdpo_sc.sdpo.mean()), median_time(s.step_fn(s.cfg("sdpo"), sdpo_sc)[0], args.runs)))
   for frac in (0.0, 0.25, 0.5, 1.0):
     sc = s.scored("srpo", frac)
-    rows.append((f"srpo", float(sc.sdpo.mean()), median_time(s.step_fn(s.cfg("srpo"), sc)[0], args.runs)))
+    rows.append(("srpo", float(sc.sdpo.mean()), median_time(s.step_fn(s.cfg("srpo"), sc)[0], args.runs)))
   for name, f, t in rows:
     print(f"   {name:<34} {f:9.2f} {t:8.3f} {t / grpo_t:7.2f}")
   srpo = [(f, t) for n, f, t in rows if n == "srpo"]

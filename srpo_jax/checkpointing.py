@@ -38,7 +38,7 @@ import os
 import shutil
 import socket
 import time
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -384,12 +384,14 @@ def nonfinite_leaves(tree: PyTree) -> list[tuple[str, int, int]]:
   return [(_path_str(p), int(c), int(np.prod(x.shape))) for (p, x), c in zip(flat, counts) if c]
 
 
-def require_finite(tree: PyTree, what: str) -> None:
-  """Raises NonFiniteError("<what>: <leaf> holds N NaN/inf of M values ...") when a floating leaf is not finite."""
+def require_finite(tree: PyTree, what: Union[str, Callable[[], str]]) -> None:
+  """Raises NonFiniteError("<what>: <leaf> holds N NaN/inf of M values ...") when a floating leaf is not finite.
+  `what` may be a callable, built only on failure (the train step calls this every step)."""
   bad = nonfinite_leaves(tree)
   if bad:
     path, count, size = bad[0]
     more = f" ({len(bad)} leaves affected: {[b[0] for b in bad[:5]]})" if len(bad) > 1 else ""
+    what = what() if callable(what) else what
     raise NonFiniteError(f"{what}: {path} holds {count} NaN/inf of {size} values{more}")
 
 

@@ -444,12 +444,13 @@ def run_updates(fns: TrainFns, state: TrainState, batch: StepBatch, old_logp: Op
       dw_used = scale = dw_scale(teacher_parts)
       loss = loss * scale
     params, opt_state, grad_norm, finite = fns.apply(params, opt_state, grads, loss, scale)
-    outs.append(UpdateStats(loss=loss, grad_norm=grad_norm, finite=finite,
-                            sums=jax.tree.map(lambda *x: sum(x), *[p[0] for p in parts]),
-                            maxes=jax.tree.map(lambda *x: jnp.max(jnp.stack(x)), *[p[1] for p in parts]),
-                            dw_scale=dw_used))
-  # One host sync for all the step's optimizer steps.
-  return params, opt_state, jax.device_get(outs), batching.padding_fraction(fed)
+    outs.append((loss, grad_norm, finite, parts, dw_used))
+  # One host sync for all the step's optimizer steps; the micro-batch statistics combine on the host.
+  stats = [UpdateStats(loss=loss, grad_norm=grad_norm, finite=finite,
+                       sums=jax.tree.map(lambda *x: np.sum(x), *[p[0] for p in parts]),
+                       maxes=jax.tree.map(lambda *x: np.max(x), *[p[1] for p in parts]), dw_scale=dw_used)
+           for loss, grad_norm, finite, parts, dw_used in jax.device_get(outs)]
+  return params, opt_state, stats, batching.padding_fraction(fed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -652,9 +653,9 @@ class Trainer:
                                                           cfg, self.pad, self.row_shards)
     t4 = time.perf_counter()
     # Nothing non-finite reaches the teacher, the rollout engine or (later) a checkpoint.
-    require_finite({"params": st.params}, f"training step {step}: the parameters after the update are not finite "
-                   f"(not EMA'd, not sent to the rollout engine, not saved); the last good checkpoint is "
-                   f"{self.checkpointer.latest_step()} in {cfg.checkpoint_dir}")
+    require_finite({"params": st.params}, lambda: (
+        f"training step {step}: the parameters after the update are not finite (not EMA'd, not sent to the rollout "
+        f"engine, not saved); the last good checkpoint is {self.checkpointer.latest_step()} in {cfg.checkpoint_dir}"))
     # EMA teacher after all optimizer steps of the training step (if the policy moved), then refit the engine.
     st.teacher, _ = ema_teacher(self.fns, st.teacher, st.params, stats, self.method, cfg.algo.ema_rate)
     try:

@@ -21,42 +21,20 @@ from srpo_jax.rollout import deadline_http
 from srpo_jax.rollout import sglang_engine as se
 from srpo_jax.rollout.engine import RolloutInterrupted, SamplingParams
 from tests.e2e_utils import tiny_config_dict
+from tests.fake_server_utils import FAKE, fake_engine, start_fake
 
-FAKE = str(pathlib.Path(__file__).with_name("fake_sglang_server.py"))
 VOCAB = 32
 URL_RE = r"http://127\.0\.0\.1:\d+"
 
 
 def _engine(tmp_path, *fake_args, **kw) -> se.SGLangEngine:
-  kw.setdefault("health_timeout_s", 20.0)
-  kw.setdefault("request_deadline_s", 10.0)
-  kw.setdefault("backoff_s", 0.05)
-  kw.setdefault("install_signal_handlers", False)
-  kw.setdefault("send_seeds", True)
-  kw.setdefault("kill_grace_s", 3.0)
-  kw.setdefault("launch_cmd", [sys.executable, FAKE])
   kw.setdefault("vocab_size", VOCAB)
-  return se.SGLangEngine(kw.pop("model_path", str(tmp_path / "init_ckpt")), run_dir=tmp_path / "run",
-                         server_args=["--fake-vocab", str(VOCAB), *fake_args], **kw)
+  return fake_engine(tmp_path, *fake_args, vocab=VOCAB, **kw)
 
 
 def _start_fake(*args: str) -> tuple[subprocess.Popen, str]:
-  """A standalone fake server (one that some other process owns), healthy when this returns."""
-  port = se._free_port()
-  proc = subprocess.Popen([sys.executable, FAKE, "--port", str(port), "--fake-vocab", str(VOCAB), *args],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  url = f"http://127.0.0.1:{port}"
-  deadline = time.monotonic() + 20
-  while True:
-    try:
-      with urllib.request.urlopen(url + "/health", timeout=1) as r:
-        if r.status == 200:
-          return proc, url
-    except OSError:
-      if time.monotonic() > deadline:
-        proc.kill()
-        raise
-      time.sleep(0.05)
+  return start_fake(*args, vocab=VOCAB, timeout_s=20.0)
+
 
 
 @pytest.fixture

@@ -21,46 +21,22 @@ import pytest
 
 from srpo_jax.rollout import sglang_engine as se
 from srpo_jax.rollout.engine import SamplingParams
+from tests.fake_server_utils import FAKE, fake_engine, pid_gone as _pid_gone
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import fake_sglang_server as fake  # noqa: E402
 
-FAKE = str(pathlib.Path(__file__).with_name("fake_sglang_server.py"))
 VOCAB = 32
 STOP = (5, 7)
 
 
 def _engine(tmp_path: pathlib.Path, *fake_args: str, **kw) -> se.SGLangEngine:
-  kw.setdefault("health_timeout_s", 20.0)
-  kw.setdefault("request_deadline_s", 10.0)
-  kw.setdefault("backoff_s", 0.05)
-  kw.setdefault("install_signal_handlers", False)
-  kw.setdefault("send_seeds", True)
-  kw.setdefault("kill_grace_s", 3.0)
-  kw.setdefault("launch_cmd", [sys.executable, FAKE])
-  return se.SGLangEngine(str(tmp_path / "init_ckpt"), run_dir=tmp_path / "run",
-                         server_args=["--fake-vocab", str(VOCAB), *fake_args], **kw)
+  return fake_engine(tmp_path, *fake_args, vocab=VOCAB, **kw)
 
 
 def _export_marker(params, out_dir: str) -> None:
   """Stands in for the HF safetensors exporter: writes the params' version into a marker file."""
   pathlib.Path(out_dir, "marker.json").write_text(json.dumps(params))
-
-
-def _pid_gone(pid: int, wait_s: float = 5.0) -> bool:
-  """True once `pid` no longer exists or is a zombie (an orphan whose reaper has not run yet)."""
-  deadline = time.monotonic() + wait_s
-  while True:
-    try:
-      os.kill(pid, 0)
-      with open(f"/proc/{pid}/stat") as f:
-        if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-          return True
-    except (ProcessLookupError, FileNotFoundError):
-      return True
-    if time.monotonic() > deadline:
-      return False
-    time.sleep(0.05)
 
 
 def _reference(prompt, sampling: SamplingParams, i: int, j: int):

@@ -26,31 +26,17 @@ from srpo_jax.models import hf_io
 from srpo_jax.rollout import sglang_engine as se
 from srpo_jax.tokenizer import load_tokenizer
 from tests.e2e_utils import REPO, coin_task, fast_config, fast_overrides, free_port
+from tests.fake_server_utils import FAKE, pid_gone as _pid_gone, start_fake
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import fake_sglang_server as fake  # noqa: E402
 
-FAKE = os.path.join(REPO, "tests", "fake_sglang_server.py")
 VOCAB = 151936  # the tiny model's (Qwen3's) vocabulary
 DETERMINISTIC = ("--enable-deterministic-inference",)  # the engine then sends per-sample seeds: reproducible rollouts
 
 
 def _start_fake(*args: str) -> tuple[subprocess.Popen, str]:
-  port = free_port()
-  proc = subprocess.Popen([sys.executable, FAKE, "--port", str(port), "--fake-vocab", str(VOCAB), *args],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  url = f"http://127.0.0.1:{port}"
-  deadline = time.monotonic() + 30
-  while True:
-    try:
-      with urllib.request.urlopen(url + "/health", timeout=1) as r:
-        if r.status == 200:
-          return proc, url
-    except OSError:
-      if time.monotonic() > deadline:
-        proc.kill()
-        raise
-      time.sleep(0.05)
+  return start_fake(*args, vocab=VOCAB)
 
 
 def _info(url: str) -> dict:
@@ -208,21 +194,6 @@ def _owned_fake_engine(tmp_path, *fake_args) -> se.SGLangEngine:
                          server_args=["--fake-vocab", str(VOCAB), *fake_args], run_dir=tmp_path / "run",
                          request_deadline_s=60.0, health_timeout_s=20.0, vocab_size=VOCAB,
                          install_signal_handlers=False)
-
-
-def _pid_gone(pid: int, wait_s: float = 5.0) -> bool:
-  deadline = time.monotonic() + wait_s
-  while True:
-    try:
-      os.kill(pid, 0)
-      with open(f"/proc/{pid}/stat") as f:
-        if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-          return True
-    except (ProcessLookupError, FileNotFoundError):
-      return True
-    if time.monotonic() > deadline:
-      return False
-    time.sleep(0.05)
 
 
 def test_sigint_during_the_first_hung_request_is_a_clean_stop(tmp_path):
