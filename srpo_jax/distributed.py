@@ -1,16 +1,30 @@
-"""Multi-host start-up: one process per host, joined through `jax.distributed` before any device is touched.
+"""Multi-process runs: start-up, and the few host-level exchanges the trainer needs between processes.
 
-On GPU/TPU hosts JAX uses NCCL / ICI for collectives; on CPU-only hosts (and in the tests) it needs gloo, set here.
+One process per host, joined through `jax.distributed` before any device is touched. On GPU/TPU hosts JAX uses
+NCCL / ICI for collectives; on CPU-only hosts (and in the tests) it needs gloo, set here.
+
+How a step is split (BUILD_NOTES.md, "Multi-process runs"): each process samples the rollouts of its share of the
+step's prompts on its own devices (`rollout/sharded.py`), the shares are exchanged (`allgather`: a few MB of token
+ids per step, not weights), and every process then runs the same deterministic host code (rewards, routing,
+advantages, micro-batch plan) on the whole step, so all agree without further messages. The device programs take
+global arrays of which each process supplies only its own devices' shards. Files are written by process 0 only
+(`is_main`), checkpoints by all (orbax coordinates them).
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import jax
+import numpy as np
+
+# How long the coordination service waits for a silent process before declaring it dead and stopping the others
+# (JAX's default is 100 s): a killed peer then ends the run within this bound instead of a hang in a collective.
+HEARTBEAT_TIMEOUT_S = 20
 
 
-def initialize(num_processes: int = 1, coordinator: Optional[str] = None, process_id: Optional[int] = None) -> None:
+def initialize(num_processes: int = 1, coordinator: Optional[str] = None, process_id: Optional[int] = None,
+               heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> None:
   """Joins a `num_processes`-process run; a no-op for 1. `process_id` None = from the cluster (SLURM, ...)."""
   if num_processes <= 1:
     return
@@ -18,4 +32,90 @@ def initialize(num_processes: int = 1, coordinator: Optional[str] = None, proces
     raise ValueError(f"mesh.num_processes={num_processes} needs mesh.coordinator (host:port of process 0) "
                      "outside a SLURM job")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
-  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                             heartbeat_timeout_seconds=heartbeat_timeout_s)
+
+
+def is_main() -> bool:
+  """Whether this process writes the run's files (metrics, summary, plots, HF exports): process 0."""
+  return jax.process_index() == 0
+
+
+def multi_process() -> bool:
+  return jax.process_count() > 1
+
+
+def share(num: int) -> tuple[int, int, int]:
+  """This process's contiguous share [lo, hi) of `num` items, and the common share size ceil(num / processes)
+  (the last shares may be short, or empty: `allgather` pads them)."""
+  size = -(-num // jax.process_count())
+  lo = min(jax.process_index() * size, num)
+  return lo, min(lo + size, num), size
+
+
+def allgather(tree: Any) -> Any:
+  """Every process's host arrays of `tree` (same shapes everywhere), stacked on a new leading process axis."""
+  from jax.experimental import multihost_utils
+  if not multi_process():
+    return jax.tree.map(lambda x: np.asarray(x)[None], tree)
+  return multihost_utils.process_allgather(tree, tiled=False)
+
+
+def to_host(tree: Any) -> Any:
+  """`jax.device_get` that also fetches arrays split across processes (gathered: a collective where any is)."""
+  from jax.experimental import multihost_utils
+  spans = lambda x: isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated
+  if any(spans(x) for x in jax.tree.leaves(tree)):
+    return jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True) if spans(x) else jax.device_get(x),
+                        tree)
+  return jax.device_get(tree)
+
+
+def any_process(*flags: bool) -> tuple[bool, ...]:
+  """Per flag, whether it holds on any process (a collective: every process must call it at the same point)."""
+  gathered = allgather(np.asarray(flags, bool))  # [processes, flags]
+  return tuple(bool(x) for x in np.any(gathered, axis=0))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A process-local view of the global mesh (for the process-local rollout engine)
+# ---------------------------------------------------------------------------------------------------------------------
+def local_mesh(mesh):
+  """The mesh of this process's own devices with the global mesh's fsdp × tensor layout: the data slices of `mesh`
+  held wholly by this process (the nodes layouts: a node's fsdp group), else all local devices as one fsdp group."""
+  from jax.sharding import Mesh
+  from srpo_jax.sharding import MESH_AXES
+  pid = jax.process_index()
+  devices = mesh.devices
+  mine = [i for i in range(devices.shape[0]) if all(d.process_index == pid for d in devices[i].flat)]
+  if mine and len(mine) * devices[0].size == jax.local_device_count():
+    return Mesh(devices[mine], MESH_AXES)
+  return Mesh(np.asarray(jax.local_devices()).reshape(1, -1, 1), MESH_AXES)
+
+
+def local_replica(state: Any, mesh):
+  """A copy of the global arrays of `state` on the devices of `mesh` (a `local_mesh`), sharded by the same
+  logical-axis rules. Where this process's own shards of a leaf already form it (the leaf is not split across
+  processes), they are reused as they are (no copy, no communication); otherwise the leaf is gathered from its
+  processes first (a collective: every process must call this at the same point)."""
+  from jax.sharding import NamedSharding
+  from srpo_jax import sharding as sharding_lib
+  if not multi_process():
+    return state
+  targets = sharding_lib.state_shardings(state, mesh)
+
+  def one(x, target: NamedSharding):
+    by_device = {s.device: s.data for s in x.addressable_shards}
+    want = target.addressable_devices_indices_map(x.shape)
+    have = {s.device: s.index for s in x.addressable_shards}
+    if all(d in have and _same_index(have[d], idx, x.shape) for d, idx in want.items()):
+      return jax.make_array_from_single_device_arrays(x.shape, target, [by_device[d] for d in want])
+    from jax.experimental import multihost_utils
+    return jax.device_put(np.asarray(multihost_utils.process_allgather(x, tiled=True)), target)
+
+  # `targets` holds a NamedSharding where `state` holds a Variable (or an array): map over what is under each.
+  return jax.tree.map(lambda target, sub: jax.tree.map(lambda x: one(x, target), sub), targets, state)
+
+
+def _same_index(a: tuple, b: tuple, shape: tuple) -> bool:
+  return all(x.indices(n) == y.indices(n) for x, y, n in zip(a, b, shape))

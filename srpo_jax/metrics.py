@@ -309,11 +309,12 @@ class Progress:
   """
 
   def __init__(self, total_steps: int, initial_step: int = 0, log_every: int = 1,
-               stream: Optional[TextIO] = None, force_tty: Optional[bool] = None):
+               stream: Optional[TextIO] = None, force_tty: Optional[bool] = None, enabled: bool = True):
     self.total = total_steps
+    self.enabled = enabled  # False: shows nothing (the other processes of a multi-process run)
     self.log_every = max(1, log_every)
     self.stream = stream or sys.stderr
-    tty = self.stream.isatty() if force_tty is None else force_tty
+    tty = enabled and (self.stream.isatty() if force_tty is None else force_tty)
     self._last_acc: Optional[float] = None
     self._bar = None
     if tty:
@@ -341,7 +342,7 @@ class Progress:
       self._bar.set_postfix(fields, refresh=False)
       self._bar.update(step - self._bar.n)
       return None
-    if step % self.log_every and step != self.total:
+    if not self.enabled or (step % self.log_every and step != self.total):
       return None
     line = f"step {step}/{self.total} | " + " | ".join(f"{k} {v}" for k, v in fields.items())
     print(line, file=self.stream, flush=True)

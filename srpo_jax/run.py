@@ -27,9 +27,11 @@ def run(cfg: config_lib.Config, mesh=None) -> dict:
   state, teacher and the programs' activations against JAX's memory) and raises `plan.DoesNotFit` before anything
   is allocated or compiled.
   """
-  from srpo_jax import metrics, plan, plot, trainer
+  from srpo_jax import distributed, metrics, plan, plot, trainer
   plan.check_fits_analytic(cfg, mesh)
   summary = trainer.Trainer(cfg, mesh=mesh).run()
+  if not distributed.is_main():  # process 0 reports and plots
+    return summary
   print(metrics.summary_table({cfg.run_dir: summary}))
   out = os.path.join(cfg.run_dir, "curves.png")
   plot.plot_runs([cfg.run_dir], out)

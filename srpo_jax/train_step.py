@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -266,7 +267,8 @@ class _JitPerStructure:
     key = jax.tree.structure(args)
     if key not in self._jits:
       in_sh, out_sh = self._shardings_for(*args)
-      self._jits[key] = jax.jit(self._fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=self._donate)
+      self._jits[key] = (jax.jit(self._fn, in_shardings=in_sh, out_shardings=out_sh, donate_argnums=self._donate),
+                         in_sh)
     return self._jits[key]
 
   def _mesh_context(self):
@@ -274,11 +276,26 @@ class _JitPerStructure:
 
   def __call__(self, *args):
     with self._mesh_context():
-      return self._jit(args)(*args)
+      fn, in_sh = self._jit(args)
+      if jax.process_count() > 1:  # host values (batches, scalars) become global arrays: jit takes no others there
+        args = jax.tree.map(lambda sh, sub: jax.tree.map(lambda x: global_array(x, sh), sub), in_sh, args)
+      return fn(*args)
 
   def lower(self, *args):
     with self._mesh_context():
-      return self._jit(args).lower(*args)
+      return self._jit(args)[0].lower(*args)
+
+
+def global_array(x, sharding):
+  """`x` as a jax.Array with `sharding`. A host value (numpy, a scalar, or an array of this process alone) must be
+  the same on every process of a multi-process run (the trainer's host code is: distributed.py); each process then
+  transfers only the shards its own devices hold (`jax.make_array_from_callback`), nothing crosses hosts."""
+  if isinstance(x, jax.Array) and x.sharding == sharding:
+    return x
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return jax.device_put(x, sharding)  # already global: a reshard
+  value = np.asarray(x)
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def tree_all_finite(tree) -> jax.Array:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from srpo_jax import batching, metrics as M, methods, paths
+from srpo_jax import batching, distributed, metrics as M, methods, paths
 from srpo_jax.algorithms import advantages as adv_lib
 from srpo_jax.algorithms import losses, routing
 from srpo_jax.algorithms.teacher import build_teacher_prompt_ids
@@ -184,10 +184,17 @@ def build_model(cfg: Config, mesh=None) -> Qwen3:
 
 
 def initial_model(cfg: Config, tokenizer, mesh=None) -> Qwen3:
-  """The configured weights, after the supervised format warm-start when train.warmstart_steps > 0."""
-  model = build_model(cfg, mesh)
-  if cfg.train.warmstart_steps:
-    model = warmstart(model, cfg, tokenizer, str(paths.cache_root() / "warmstart"))
+  """The configured weights, after the supervised format warm-start when train.warmstart_steps > 0 (computed on
+  this process's devices, then placed on the mesh; in a multi-process run each process computes it, and only process
+  0 uses and fills the cache, so no process reads a cache entry another is writing)."""
+  if not cfg.train.warmstart_steps:
+    return build_model(cfg, mesh)
+  cache = str(paths.cache_root() / "warmstart") if distributed.is_main() else None
+  model = warmstart(build_model(cfg), cfg, tokenizer, cache)
+  if mesh is not None:
+    from srpo_jax import sharding
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh)))
   return model
 
 
@@ -196,7 +203,21 @@ def eos_ids(tokenizer) -> tuple[int, ...]:
 
 
 def build_engine(cfg: Config, graphdef, params, tokenizer, mesh, version: int = 0) -> RolloutEngine:
-  """The configured engine; a launched SGLang server starts from an export of `params`, tagged `version`."""
+  """The configured engine; a launched SGLang server starts from an export of `params`, tagged `version`.
+
+  In a multi-process run each process gets its own engine (a JaxEngine on its own devices, or its node's SGLang
+  server) wrapped in `ProcessShardedEngine`: it samples the process's share of the prompts and all-gathers the rest.
+  """
+  if distributed.multi_process():
+    from srpo_jax.rollout.sharded import ProcessShardedEngine
+    local = distributed.local_mesh(mesh)
+    to_local = lambda p: distributed.local_replica(p, local)
+    return ProcessShardedEngine(_process_engine(cfg, graphdef, to_local(params), tokenizer, local, version),
+                                to_local)
+  return _process_engine(cfg, graphdef, params, tokenizer, mesh, version)
+
+
+def _process_engine(cfg: Config, graphdef, params, tokenizer, mesh, version: int) -> RolloutEngine:
   if cfg.rollout.engine == "jax":
     from srpo_jax.rollout.jax_engine import JaxEngine
     buckets = {"prompt_buckets": cfg.rollout.length_buckets} if cfg.rollout.length_buckets else {}
@@ -207,13 +228,16 @@ def build_engine(cfg: Config, graphdef, params, tokenizer, mesh, version: int = 
   def export_fn(p, out_dir):  # SGLang reads bf16 HF weights; the trainer keeps its own (fp32) master copy
     hf_io.save_pretrained(nnx.merge(graphdef, p), out_dir, tokenizer=tokenizer, dtype="bfloat16")
 
-  first = os.path.join(cfg.run_dir, "weights", "initial")
+  # Each process's server reads its own exports (a node's local server; one directory per process on a shared disk).
+  weights_dir = cfg.run_dir if not distributed.multi_process() else os.path.join(
+      cfg.run_dir, f"process{jax.process_index()}")
+  first = os.path.join(weights_dir, "weights", "initial")
   if cfg.rollout.sglang_url is None:
     export_fn(params, first)
   python = {"python": cfg.rollout.sglang_python} if cfg.rollout.sglang_python else {}
   r = cfg.rollout
   return SGLangEngine(first, url=r.sglang_url, server_args=list(r.sglang_args), export_fn=export_fn,
-                      run_dir=cfg.run_dir, initial_version=version, vocab_size=int(params["embed"].shape[0]),
+                      run_dir=weights_dir, initial_version=version, vocab_size=int(params["embed"].shape[0]),
                       request_deadline_s=r.request_deadline_s, health_timeout_s=r.health_timeout_s,
                       max_retries=r.request_retries, **python)
 
@@ -386,7 +410,7 @@ def prepare(fns: TrainFns, params, batch: StepBatch, groups: Sequence[Sequence[i
     mb = batching.micro_batch(g, arrays, {}, (), pad, with_teacher=False, row_multiple=row_multiple, **shape)
     outs.append((g, fns.prepare(params, mb.ids, mb.mask, mb.start, mb.resp)))
   old_logp = np.zeros(batch.resp.shape, np.float32)
-  for g, out in jax.device_get(outs):  # one host sync for all chunks
+  for g, out in distributed.to_host(outs):  # one host sync for all chunks (rows from every process)
     old_logp[g, :out.shape[1]] = out[:len(g)]
   return old_logp
 
@@ -541,7 +565,8 @@ class Trainer:
     self.task = task or load_task(cfg, self.tokenizer)
     # One run per run_dir (process 0 of a multi-host run holds the lock); then what a killed run left is ours.
     self._lock = RunDirLock(cfg.run_dir) if jax.process_index() == 0 else None
-    for leftover in hf_io.remove_export_leftovers(cfg.run_dir, os.path.join(cfg.run_dir, "weights")):
+    for leftover in (hf_io.remove_export_leftovers(cfg.run_dir, os.path.join(cfg.run_dir, "weights"))
+                     if distributed.is_main() else ()):
       log.warning("removed %s, left by an interrupted HF export", leftover)
     self.checkpointer = Checkpointer(cfg.checkpoint_dir, keep=cfg.checkpoint.keep)
     latest = self.checkpointer.latest_step()
@@ -580,7 +605,7 @@ class Trainer:
     self.metrics = M.MetricsWriter(cfg.run_dir, resume_step=self.state.step if latest is not None else None,
                                    time_offset_s=wall_s)
     self.clocks = Clocks(wall_offset_s=wall_s, train_offset_s=train_s)
-    self._stop_requested, self._stop_signal = False, None
+    self._stop_requested, self._stop_signal, self._stop_agreed = False, None, False
 
   # Read-only views kept for callers (tests, bench) that look at the arrays.
   params = property(lambda self: self.state.params)
@@ -692,7 +717,8 @@ class Trainer:
   def run(self) -> dict[str, Any]:
     cfg, st = self.cfg, self.state
     prev = {sig: signal.signal(sig, self._on_sigterm) for sig in STOP_SIGNALS}
-    progress = M.Progress(cfg.train.steps, initial_step=st.step, log_every=cfg.train.log_every)
+    progress = M.Progress(cfg.train.steps, initial_step=st.step, log_every=cfg.train.log_every,
+                          enabled=distributed.is_main())
     try:
       if st.step == 0 and cfg.eval.at_start and st.initial_acc is None:
         ev = None
@@ -702,8 +728,14 @@ class Trainer:
           st.initial_acc = st.best_acc = ev[M.EVAL_ACCURACY]
           self._write(0, ev)
           progress.update(0, ev)
-      while st.step < cfg.train.steps and not self._stop_requested:
-        if cfg.train.max_wall_time_h and self.clocks.train_s() > cfg.train.max_wall_time_h * 3600:
+      while st.step < cfg.train.steps:
+        over_budget = bool(cfg.train.max_wall_time_h) and self.clocks.train_s() > cfg.train.max_wall_time_h * 3600
+        if distributed.multi_process():  # processes stop together, here: a signal or budget seen by any stops all
+          self._stop_agreed, over_budget = distributed.any_process(self._stop_requested, over_budget)
+          self._stop_signal = self._stop_signal or "a stop signal to another process"
+        if self._stopping():
+          break
+        if over_budget:
           log.info("training-time budget of %.2f h reached", cfg.train.max_wall_time_h)
           break
         try:
@@ -719,7 +751,7 @@ class Trainer:
               f"{cfg.train.max_nonfinite_in_row}); stopping. The last good checkpoint is "
               f"{self.checkpointer.latest_step()} in {cfg.checkpoint_dir}")
         last = st.step == cfg.train.steps
-        if ((cfg.eval.every_steps and st.step % cfg.eval.every_steps == 0) or last) and not self._stop_requested:
+        if ((cfg.eval.every_steps and st.step % cfg.eval.every_steps == 0) or last) and not self._stopping():
           # evaluation (and the best-model export it triggers) is not training time; a stop during it: no eval record
           with self.clocks.excluded(), contextlib.suppress(RolloutInterrupted):
             out.update(self.evaluate(st.step))
@@ -732,7 +764,7 @@ class Trainer:
         progress.update(st.step, out)
         if st.step % cfg.checkpoint.every_steps == 0 or last:
           self.save()
-      if self._stop_requested:
+      if self._stopping():
         log.warning("%s: saving checkpoint at step %d and exiting", self._stop_signal, st.step)
         self.save()
       elif cfg.checkpoint.export_hf:
@@ -743,6 +775,11 @@ class Trainer:
       for sig, handler in prev.items():
         signal.signal(sig, handler)
       self.close()
+
+  def _stopping(self) -> bool:
+    """Whether the run stops: at once on a signal (`_on_sigterm`) in one process; in a multi-process run only as
+    agreed at the last step boundary (every process must take the same branches: saves are collective)."""
+    return self._stop_agreed if distributed.multi_process() else self._stop_requested
 
   def _write(self, step: int, out: dict[str, Any]) -> None:
     """One metrics record: `time_s` is the training clock, `time/wall_s` the wall clock (`Clocks`)."""
@@ -761,12 +798,18 @@ class Trainer:
     self.engine.interrupt()
 
   def export(self, path: str):
+    """Writes the current weights as an HF directory (process 0; every process of a multi-process run calls it)."""
     require_finite({"params": self.state.params}, f"refusing to export {path} at step {self.state.step}")
-    hf_io.save_pretrained(nnx.merge(self.graphdef, self.state.params), path, tokenizer=self.tokenizer)
+    params = self.state.params
+    if distributed.multi_process():  # gathered where split across processes (collective), written once
+      params = distributed.local_replica(params, distributed.local_mesh(self.mesh))
+      if not distributed.is_main():
+        return
+    hf_io.save_pretrained(nnx.merge(self.graphdef, params), path, tokenizer=self.tokenizer)
 
   def write_summary(self) -> dict[str, Any]:
     st = self.state
-    records = M.read_metrics(self.cfg.run_dir)
+    records = M.read_metrics(self.cfg.run_dir) if distributed.is_main() else []  # process 0 wrote them
     summary = {M.SUMMARY_INITIAL_ACCURACY: st.initial_acc, M.SUMMARY_BEST_ACCURACY: st.best_acc,
                M.SUMMARY_FINAL_ACCURACY: st.final_acc, "steps": st.step, M.SUMMARY_WALL_TIME_S: self.clocks.wall_s(),
                M.SUMMARY_TRAIN_TIME_S: self.clocks.train_s(),
@@ -774,7 +817,8 @@ class Trainer:
                M.SUMMARY_SKIPPED_DATA_ROWS: self.task.skipped_rows,
                M.SUMMARY_DROPPED_PROMPTS: self.task.dropped_prompts,
                **st.counters, **M.best_within_budgets(records, self.cfg.train.time_budgets_h)}
-    M.write_summary(self.cfg.run_dir, summary)
+    if distributed.is_main():
+      M.write_summary(self.cfg.run_dir, summary)
     return summary
 
   def close(self):

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,14 +37,15 @@ def cache_key(cfg) -> str:
                                   cfg.data.synthetic_difficulty, VERSION], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def warmstart(model: Qwen3, cfg, tokenizer, cache_root: str) -> Qwen3:
-  """`cfg.train.warmstart_steps` Adam steps on format examples; cached as an HF directory under `cache_root`."""
+def warmstart(model: Qwen3, cfg, tokenizer, cache_root: Optional[str]) -> Qwen3:
+  """`cfg.train.warmstart_steps` Adam steps on format examples; cached as an HF directory under `cache_root` (None:
+  computed, not cached)."""
   t = cfg.train
-  path = os.path.join(cache_root, f"warmstart-{cache_key(cfg)}")
-  if os.path.isfile(os.path.join(path, "config.json")):
+  path = None if cache_root is None else os.path.join(cache_root, f"warmstart-{cache_key(cfg)}")
+  if path is not None and os.path.isfile(os.path.join(path, "config.json")):
     log.info("warm-start: loading cached %s", path)
     return hf_io.load_pretrained(path, **cfg.model.qwen3_overrides)
-  log.info("warm-start: %d supervised format steps (cached afterwards at %s)", t.warmstart_steps, path)
+  log.info("warm-start: %d supervised format steps (cached afterwards at %s)", t.warmstart_steps, path or "-")
   examples = synthetic.warmstart_examples(t.warmstart_steps * BATCH, seed=cfg.seed,
                                           difficulty=cfg.data.synthetic_difficulty, teacher_messages=teacher_messages)
   eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -73,5 +75,6 @@ def warmstart(model: Qwen3, cfg, tokenizer, cache_root: str) -> Qwen3:
     if s % 50 == 0 or s == t.warmstart_steps - 1:
       log.info("warm-start step %d/%d  loss %.4f", s + 1, t.warmstart_steps, float(loss))
   model = nnx.merge(graphdef, params)
-  hf_io.save_pretrained(model, path)
+  if path is not None:
+    hf_io.save_pretrained(model, path)
   return model

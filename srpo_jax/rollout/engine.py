@@ -30,6 +30,10 @@ class SamplingParams:
   top_k: int = 0
   stop_token_ids: tuple[int, ...] = ()
   seed: int = 0
+  # The index of the call's first prompt in the whole batch it belongs to: sample j of prompt i draws from the
+  # random stream of prompt first_prompt + i, so a process's share of a step (rollout/sharded.py) samples what the
+  # same prompts would get in one call over the whole batch.
+  first_prompt: int = 0
 
   def __post_init__(self):
     if self.max_new_tokens <= 0:
@@ -38,6 +42,8 @@ class SamplingParams:
       raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature}")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
+    if self.first_prompt < 0:
+      raise ValueError(f"SamplingParams.first_prompt must be >= 0, got {self.first_prompt}")
 
   @property
   def greedy(self) -> bool:

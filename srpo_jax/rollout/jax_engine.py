@@ -12,7 +12,7 @@ One generate() call:
      has stopped or T tokens were drawn (`SamplerState` is the loop carry);
   4. per row, the tokens up to and including the stop token (and their log-probs) become a Completion.
 
-Randomness: row r = prompt_index * n + sample_index draws its step-t uniform from
+Randomness: row r = (sampling.first_prompt + prompt_index) * n + sample_index draws its step-t uniform from
 fold_in(fold_in(key(seed), r), t). Same seed → same outputs whatever the chunking or padding; every prompt and every
 sample has its own stream. See `sampling.py` for the strategies and the log-prob each returns.
 
@@ -255,7 +255,8 @@ class JaxEngine(RolloutEngine):
     version = self.version
     for start in range(0, len(rows), self.max_batch):
       chunk = rows[start:start + self.max_batch]
-      tokens, logprobs, lengths = self._run_chunk([prompts[i] for i in chunk], list(range(start, start + len(chunk))),
+      first = sampling.first_prompt * n + start  # the global row id of the chunk's first row (its random stream)
+      tokens, logprobs, lengths = self._run_chunk([prompts[i] for i in chunk], list(range(first, first + len(chunk))),
                                                   sampling)
       flat.extend(self._completion(tokens[r], logprobs[r], int(lengths[r]), sampling, version)
                   for r in range(len(chunk)))

@@ -645,8 +645,9 @@ class SGLangEngine(RolloutEngine):
     """Sends one batch of (prompt i, sample j) items, retrying (and restarting a dead owned server) on failure."""
     body = {
         "input_ids": [prompts[i] for i, _ in chunk],
-        "sampling_params": [sglang_sampling_params(sampling, sample_seed(sampling.seed, i, j) if self.send_seeds
-                                                   else None) for i, j in chunk],
+        "sampling_params": [sglang_sampling_params(
+            sampling, sample_seed(sampling.seed, sampling.first_prompt + i, j) if self.send_seeds else None)
+            for i, j in chunk],
         "return_logprob": True,
         "stream": False,
     }
