@@ -298,6 +298,20 @@ class Checkpointer:
     self.close()
 
 
+def describe_newest(directory: str | os.PathLike) -> str:
+  """One line naming the newest step directory under `directory` with an integrity record (what a resume would try
+  first), read from the file system alone: for error messages of a process that is stopping."""
+  directory = os.fspath(directory)
+  try:
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit()
+             and os.path.isfile(os.path.join(directory, n, INTEGRITY_FILE))]
+  except OSError:
+    steps = []
+  if not steps:
+    return f"No complete checkpoint in {directory}"
+  return f"The newest complete checkpoint is {os.path.join(directory, str(max(steps)))}"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Integrity records
 # ---------------------------------------------------------------------------------------------------------------------

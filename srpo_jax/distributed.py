@@ -12,8 +12,13 @@ global arrays of which each process supplies only its own devices' shards. Files
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Optional
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import numpy as np
@@ -21,6 +26,11 @@ import numpy as np
 # How long the coordination service waits for a silent process before declaring it dead and stopping the others
 # (JAX's default is 100 s): a killed peer then ends the run within this bound instead of a hang in a collective.
 HEARTBEAT_TIMEOUT_S = 20
+# Each process stamps a counter into the coordination service's key-value store this often (a daemon thread), so a
+# process whose collective failed can tell which peers are gone: those whose stamp stopped changing.
+STAMP_PERIOD_S = 0.5
+_STAMPS = "srpo_jax/alive/"
+PEER_LOST_EXIT = 5  # the exit status of a process that stopped because a peer process was lost
 
 
 def initialize(num_processes: int = 1, coordinator: Optional[str] = None, process_id: Optional[int] = None,
@@ -34,6 +44,77 @@ def initialize(num_processes: int = 1, coordinator: Optional[str] = None, proces
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
                              heartbeat_timeout_seconds=heartbeat_timeout_s)
+  threading.Thread(target=_stamp_forever, name="srpo_jax-alive", daemon=True).start()
+
+
+def _client():
+  from jax._src import distributed as jax_distributed
+  return jax_distributed.global_state.client
+
+
+def _stamp_forever() -> None:
+  client, key, count = _client(), f"{_STAMPS}{jax.process_index()}", 0
+  while True:
+    try:
+      client.key_value_set(key, str(count), allow_overwrite=True)
+    except Exception:  # noqa: BLE001 - the coordinator is gone: the failure handler reports it
+      return
+    count += 1
+    time.sleep(STAMP_PERIOD_S)
+
+
+def lost_peers(wait_s: float = 4 * STAMP_PERIOD_S) -> Optional[list[int]]:
+  """The other processes whose stamp did not change within `wait_s` (lost: killed, crashed, or hung outside Python's
+  reach), or None when the coordination service itself no longer answers (process 0, which hosts it, is lost)."""
+  client = _client()
+
+  def stamps() -> dict[int, str]:
+    return {int(k.rsplit("/", 1)[-1]): v for k, v in client.key_value_dir_get(_STAMPS)}
+
+  try:
+    before = stamps()
+    time.sleep(wait_s)
+    after = stamps()
+  except Exception:  # noqa: BLE001 - the service is unreachable
+    return None
+  me = jax.process_index()
+  return [i for i in range(jax.process_count()) if i != me and (i not in after or before.get(i) == after[i])]
+
+
+@contextlib.contextmanager
+def exit_on_failure(what_is_kept: Callable[[], str] = lambda: "",
+                    statuses: Optional[dict[type, int]] = None) -> Iterator[None]:
+  """In a multi-process run, an error in this process ends it at once, with one line naming the lost peer when a
+  peer's loss caused it (exit status PEER_LOST_EXIT), else the error (the status `statuses` gives its type, else 1).
+
+  Why not just raise: the processes wait on each other in collectives, and at exit in jax.distributed's shutdown
+  barrier, which a lost peer never reaches: a failed process would wait there for the heartbeat timeout, and its
+  live peers in their next collective for as long. Exiting at once closes this process's connections, so each peer's
+  next collective fails at once and the peer ends here too. `what_is_kept()` says what survives (the checkpoint).
+  """
+  try:
+    yield
+  except (Exception, KeyboardInterrupt) as e:
+    if not multi_process():
+      raise
+    me, n = jax.process_index(), jax.process_count()
+    lost = lost_peers()
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    kept = what_is_kept()
+    if lost is None or lost:
+      who = "process 0 (the coordinator; it no longer answers)" if lost is None else (
+          "process " + ", ".join(map(str, lost)) + " (it stopped answering)")
+      msg = (f"multi-process run: process {me} of {n} lost {who}; stopping. Its error: {type(e).__name__}: {first}"
+             + (f". {kept}" if kept else ""))
+      status = PEER_LOST_EXIT
+    else:
+      traceback.print_exc()
+      msg = (f"multi-process run: process {me} of {n} failed ({type(e).__name__}: {first}); stopping, the other "
+             "processes stop when their next collective fails" + (f". {kept}" if kept else ""))
+      status = next((v for t, v in (statuses or {}).items() if isinstance(e, t)), 1)
+    print(msg, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(status)  # skips the shutdown barrier a lost peer would never reach (see above)
 
 
 def is_main() -> bool:

@@ -35,10 +35,14 @@ def main(argv):
   except config_lib.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
-  from srpo_jax import plan, run
+  from srpo_jax import checkpointing, distributed, plan, run
   from srpo_jax.rollout.sglang_engine import SGLangError
   try:
-    run.run(cfg, mesh=run.build_mesh(cfg))
+    mesh = run.build_mesh(cfg)
+    # Multi-process runs: an error ends this process at once (its peers' next collective then fails; they name it).
+    with distributed.exit_on_failure(lambda: checkpointing.describe_newest(cfg.checkpoint_dir),
+                                     statuses={plan.DoesNotFit: 3, SGLangError: 4}):
+      run.run(cfg, mesh=mesh)
   except plan.DoesNotFit as e:
     print(f"memory plan: {e}", file=sys.stderr)
     sys.exit(3)
