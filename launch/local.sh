@@ -7,8 +7,8 @@
 #   launch/local.sh 2 4 launch/check_mesh.py --config=configs/tiny.py --mesh=configs/mesh/nodes.py:2 --mesh.fsdp=4
 #   launch/local.sh 2 4 -m srpo_jax.main --config=configs/tiny.py --mesh=configs/mesh/nodes.py:2 --mesh.fsdp=4
 #
-# (The trainer loop itself is single-process so far — BUILD_NOTES.md, "Known gaps": the second line starts the
-# processes and their shared mesh, but a training step across processes is not supported yet.)
+# (The second line trains across the processes: each samples its share of a step's prompts on its own devices, the
+# update runs over all of them, process 0 writes the run's files: BUILD_NOTES.md, "Multi-process runs".)
 #
 # Process i (0 <= i < NPROC) runs `$PYTHON PYTHON_ARGS... <mesh flags>` from the repository root with
 # JAX_PLATFORMS=cpu and XLA_FLAGS=--xla_force_host_platform_device_count=DEVICES_PER_PROC, where the mesh flags are

@@ -12,6 +12,7 @@ global arrays of which each process supplies only its own devices' shards. Files
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import sys
@@ -26,9 +27,12 @@ import numpy as np
 # How long the coordination service waits for a silent process before declaring it dead and stopping the others
 # (JAX's default is 100 s): a killed peer then ends the run within this bound instead of a hang in a collective.
 HEARTBEAT_TIMEOUT_S = 20
-# Each process stamps a counter into the coordination service's key-value store this often (a daemon thread), so a
-# process whose collective failed can tell which peers are gone: those whose stamp stopped changing.
+# Each process stamps a counter into the coordination service's key-value store this often, and watches the others'
+# (a daemon thread, `_watch_peers`): a peer whose stamp has not changed for PEER_TIMEOUT_S is lost, and this process
+# stops naming it, wherever its main thread waits (a collective that never returns included). The stamps run while
+# the main thread computes or compiles: XLA releases the GIL.
 STAMP_PERIOD_S = 0.5
+PEER_TIMEOUT_S = 10.0
 _STAMPS = "srpo_jax/alive/"
 PEER_LOST_EXIT = 5  # the exit status of a process that stopped because a peer process was lost
 
@@ -44,7 +48,8 @@ def initialize(num_processes: int = 1, coordinator: Optional[str] = None, proces
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
                              heartbeat_timeout_seconds=heartbeat_timeout_s)
-  threading.Thread(target=_stamp_forever, name="srpo_jax-alive", daemon=True).start()
+  threading.Thread(target=_watch_peers, name="srpo_jax-peers", daemon=True).start()
+  atexit.register(_leave)  # runs before jax.distributed's own shutdown (atexit is last-in, first-out)
 
 
 def _client():
@@ -52,33 +57,75 @@ def _client():
   return jax_distributed.global_state.client
 
 
-def _stamp_forever() -> None:
-  client, key, count = _client(), f"{_STAMPS}{jax.process_index()}", 0
-  while True:
+_watching = threading.Event()  # set while the watch may stop the process (cleared at exit: peers leave then)
+_what_is_kept: list[Callable[[], str]] = [lambda: ""]  # set by exit_on_failure: what survives (the checkpoint)
+
+
+_DONE = "done"  # the last stamp of a process that is exiting normally: its silence is not a loss
+
+
+def _leave() -> None:
+  _watching.clear()
+  with contextlib.suppress(Exception):
+    _client().key_value_set(f"{_STAMPS}{jax.process_index()}", _DONE, allow_overwrite=True)
+
+
+def _stamps(client) -> dict[int, str]:
+  return {int(k.rsplit("/", 1)[-1]): v for k, v in client.key_value_dir_get(_STAMPS)}
+
+
+def _watch_peers() -> None:
+  """Stamps this process's counter and stops the process (`_stop_for_lost_peers`) once a peer's stamp has stood
+  still for PEER_TIMEOUT_S or the coordination service stopped answering."""
+  client, me, count = _client(), jax.process_index(), 0
+  _watching.set()
+  seen: dict[int, tuple[str, float]] = {}
+  while _watching.is_set():
+    now = time.monotonic()
     try:
-      client.key_value_set(key, str(count), allow_overwrite=True)
-    except Exception:  # noqa: BLE001 - the coordinator is gone: the failure handler reports it
+      client.key_value_set(f"{_STAMPS}{me}", str(count), allow_overwrite=True)
+      stamps = _stamps(client)
+    except Exception as e:  # noqa: BLE001 - the service (process 0) is gone
+      if _watching.is_set():
+        _stop_for_lost_peers(None, e)
       return
     count += 1
+    for i in range(jax.process_count()):
+      if i != me and (i not in seen or seen[i][0] != stamps.get(i)):
+        seen[i] = (stamps.get(i), now)
+    lost = [i for i, (stamp, since) in sorted(seen.items()) if stamp != _DONE and now - since > PEER_TIMEOUT_S]
+    if lost and _watching.is_set():
+      _stop_for_lost_peers(lost, None)
     time.sleep(STAMP_PERIOD_S)
+
+
+def _stop_for_lost_peers(lost: Optional[list[int]], error: Optional[BaseException]) -> None:
+  """One line naming the lost peers (None: process 0, the coordinator), then exit PEER_LOST_EXIT at once."""
+  me, n = jax.process_index(), jax.process_count()
+  who = "process 0 (the coordinator; it no longer answers)" if lost is None else (
+      "process " + ", ".join(map(str, lost)) + " (it stopped answering)")
+  first = "" if error is None else (str(error).strip().splitlines() or [""])[0][:300]
+  kept = _what_is_kept[0]()
+  msg = (f"multi-process run: process {me} of {n} lost {who}; stopping."
+         + (f" Its error: {type(error).__name__}: {first}." if error is not None else "") + (f" {kept}" if kept else ""))
+  print(msg, file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(PEER_LOST_EXIT)  # skips the shutdown barrier a lost peer would never reach (exit_on_failure)
 
 
 def lost_peers(wait_s: float = 4 * STAMP_PERIOD_S) -> Optional[list[int]]:
   """The other processes whose stamp did not change within `wait_s` (lost: killed, crashed, or hung outside Python's
   reach), or None when the coordination service itself no longer answers (process 0, which hosts it, is lost)."""
   client = _client()
-
-  def stamps() -> dict[int, str]:
-    return {int(k.rsplit("/", 1)[-1]): v for k, v in client.key_value_dir_get(_STAMPS)}
-
   try:
-    before = stamps()
+    before = _stamps(client)
     time.sleep(wait_s)
-    after = stamps()
+    after = _stamps(client)
   except Exception:  # noqa: BLE001 - the service is unreachable
     return None
   me = jax.process_index()
-  return [i for i in range(jax.process_count()) if i != me and (i not in after or before.get(i) == after[i])]
+  return [i for i in range(jax.process_count())
+          if i != me and after.get(i) != _DONE and (i not in after or before.get(i) == after[i])]
 
 
 @contextlib.contextmanager
@@ -92,29 +139,24 @@ def exit_on_failure(what_is_kept: Callable[[], str] = lambda: "",
   live peers in their next collective for as long. Exiting at once closes this process's connections, so each peer's
   next collective fails at once and the peer ends here too. `what_is_kept()` says what survives (the checkpoint).
   """
+  _what_is_kept[0] = what_is_kept
   try:
     yield
   except (Exception, KeyboardInterrupt) as e:
     if not multi_process():
       raise
-    me, n = jax.process_index(), jax.process_count()
     lost = lost_peers()
+    if lost is None or lost:
+      _stop_for_lost_peers(lost, e)
+    me, n = jax.process_index(), jax.process_count()
     first = (str(e).strip().splitlines() or [""])[0][:300]
     kept = what_is_kept()
-    if lost is None or lost:
-      who = "process 0 (the coordinator; it no longer answers)" if lost is None else (
-          "process " + ", ".join(map(str, lost)) + " (it stopped answering)")
-      msg = (f"multi-process run: process {me} of {n} lost {who}; stopping. Its error: {type(e).__name__}: {first}"
-             + (f". {kept}" if kept else ""))
-      status = PEER_LOST_EXIT
-    else:
-      traceback.print_exc()
-      msg = (f"multi-process run: process {me} of {n} failed ({type(e).__name__}: {first}); stopping, the other "
-             "processes stop when their next collective fails" + (f". {kept}" if kept else ""))
-      status = next((v for t, v in (statuses or {}).items() if isinstance(e, t)), 1)
-    print(msg, file=sys.stderr, flush=True)
+    traceback.print_exc()
+    print(f"multi-process run: process {me} of {n} failed ({type(e).__name__}: {first}); stopping, the other "
+          "processes stop when their next collective fails or their watch notices" + (f". {kept}" if kept else ""),
+          file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os._exit(status)  # skips the shutdown barrier a lost peer would never reach (see above)
+    os._exit(next((v for t, v in (statuses or {}).items() if isinstance(e, t)), 1))  # no shutdown barrier: above
 
 
 def is_main() -> bool:

@@ -5,12 +5,12 @@ they are compared with.
 
 Trains the fast tiny config (tests/e2e_utils.py) with the coin reward (mixed groups: both SRPO routes) on a
 data 2 × fsdp 4 mesh over 8 devices (one device: no mesh), or resumes RUN_DIR when RESUME is 1, for STEPS steps in
-all, checkpointing every step. Every process prints one line `WROTE <json list>`: the files it opened for writing,
-created, renamed or removed under RUN_DIR outside the checkpoint directory (Python audit events), so the test can
-check that only process 0 writes run files. Set the device count with XLA_FLAGS before starting. Errors end the
-process as in `srpo_jax.main` (`distributed.exit_on_failure`).
+all, checkpointing every step, evaluating after the last. Each process prints `WROTE <path>` the moment it first
+opens a file for writing, creates, renames or removes one under RUN_DIR outside the checkpoint directory (Python
+audit events), so the test can check that only process 0 writes run files even of a process it kills. Set the
+device count with XLA_FLAGS before starting. Errors end the process as in `srpo_jax.main`
+(`distributed.exit_on_failure`).
 """
-import json
 import os
 import sys
 
@@ -31,8 +31,10 @@ def main():
       paths = [a for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))]
     for p in paths:
       p = os.path.realpath(os.fsdecode(p))
-      if p.startswith(root + os.sep) and not os.path.relpath(p, root).startswith("checkpoints"):
-        wrote.add(os.path.relpath(p, root))
+      rel = os.path.relpath(p, root)
+      if p.startswith(root + os.sep) and not rel.startswith("checkpoints") and rel not in wrote:
+        wrote.add(rel)
+        print(f"WROTE {rel}", flush=True)
 
   sys.addaudithook(audit)
 
@@ -47,7 +49,7 @@ def main():
   # between layouts flip sampled tokens (BUILD_NOTES: "Multi-process runs"); 16 candidates are far apart.
   cfg = fast_config(run_dir, **{
       "train.steps": steps, "resume": resume, "rollout.prompts_per_step": 4, "optim.mini_batch_prompts": 2,
-      "optim.micro_batch_size": 8, "eval.every_steps": 2, "eval.max_questions": 4, "checkpoint.keep": 10,
+      "optim.micro_batch_size": 8, "eval.at_start": False, "eval.max_questions": 4, "checkpoint.keep": 10,
       "rollout.top_k": 16, "eval.top_k": 16, "mesh.num_processes": num_processes, "mesh.process_id": process_id,
       "mesh.coordinator": coordinator, **mesh_layout})
   mesh = run.build_mesh(cfg)
@@ -55,7 +57,6 @@ def main():
   with distributed.exit_on_failure(lambda: checkpointing.describe_newest(cfg.checkpoint_dir)):
     trainer = Trainer(cfg, tokenizer=tokenizer, mesh=mesh, task=coin_task(cfg, tokenizer))
     trainer.run()
-  print("WROTE " + json.dumps(sorted(wrote)), flush=True)
 
 
 if __name__ == "__main__":
