@@ -732,7 +732,8 @@ class Trainer:
         over_budget = bool(cfg.train.max_wall_time_h) and self.clocks.train_s() > cfg.train.max_wall_time_h * 3600
         if distributed.multi_process():  # processes stop together, here: a signal or budget seen by any stops all
           self._stop_agreed, over_budget = distributed.any_process(self._stop_requested, over_budget)
-          self._stop_signal = self._stop_signal or "a stop signal to another process"
+          if self._stop_agreed and self._stop_signal is None:
+            self._stop_signal = "a stop signal to another process"
         if self._stopping():
           break
         if over_budget:
