@@ -61,7 +61,7 @@ def warmstart(model: Qwen3, cfg, tokenizer, cache_root: Optional[str]) -> Qwen3:
   @jax.jit
   def sft_step(params, opt_state, ids, mask, start, resp):
     def loss_fn(p):
-      logp, _ = student_logp(nnx.merge(graphdef, p), ids, mask, start, r_len, hp)
+      logp = student_logp(nnx.merge(graphdef, p), ids, mask, start, r_len, hp)
       return -jnp.sum(jnp.where(resp, logp, 0.0)) / jnp.sum(resp)
     loss, g = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = opt.update(g, opt_state, params)
