@@ -32,12 +32,16 @@ aot-env: $(AOT_STAMP)
 # make plan CONFIG=configs/qwen3_8b.py TARGET=h100x8: will the run fit? (srpo_jax/plan.py; deviceless compile)
 CONFIG ?= configs/qwen3_8b.py
 TARGET ?= h100x8
+PLAN_ARGS ?=
 plan: $(AOT_STAMP)
-	$(AOT_VENV)/bin/python -m srpo_jax.plan --config=$(CONFIG) --target=$(TARGET)
+	$(AOT_VENV)/bin/python -m srpo_jax.plan --config=$(CONFIG) --target=$(TARGET) $(PLAN_ARGS)
 
+# DEMO_RUN_DIR and DEMO_ARGS (extra --config.* flags) let tests/test_readme_commands.py run this very target, short.
+DEMO_RUN_DIR ?= runs/tiny
+DEMO_ARGS ?=
 demo: $(STAMP)
-	rm -rf runs/tiny
-	$(BIN)/python -m srpo_jax.main --config=configs/tiny.py
+	rm -rf $(DEMO_RUN_DIR)
+	$(BIN)/python -m srpo_jax.main --config=configs/tiny.py --config.run_dir=$(DEMO_RUN_DIR) $(DEMO_ARGS)
 
 SEEDS ?= 1
 compare: $(STAMP)  # make compare SEEDS=3: every method on seeds 0, 1, 2 (srpo_jax/compare.py)
@@ -45,9 +49,9 @@ compare: $(STAMP)  # make compare SEEDS=3: every method on seeds 0, 1, 2 (srpo_j
 	$(BIN)/python -m srpo_jax.compare --config=configs/tiny.py --seeds=$(SEEDS)
 
 # One worker per core, a test file per worker (module fixtures run once); the suite is compile-bound on CPU.
-# The multi-process trainer test runs alone afterwards: its two processes and their gloo collectives would compete
-# with the other worker for this machine's cores (BUILD_NOTES.md, "Test suite after issue 12").
-SOLO_TESTS := tests/test_multiprocess_trainer.py
+# The multi-process trainer and README-command tests run alone afterwards: their two processes and gloo collectives
+# would compete with the other worker for this machine's cores (BUILD_NOTES.md, "Test suite after issue 12").
+SOLO_TESTS := tests/test_multiprocess_trainer.py tests/test_readme_commands.py
 test: $(STAMP) $(AOT_STAMP)
 	$(BIN)/python -m pytest -n auto --dist loadfile tests $(addprefix --ignore=,$(SOLO_TESTS))
 	$(BIN)/python -m pytest $(SOLO_TESTS)
