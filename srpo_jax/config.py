@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import typing
@@ -623,7 +624,12 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
   if tp is float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"{path}={value!r} must be a float, got {type(value).__name__}")
-    return float(value)
+    # Every float field, here once: the config is stored as JSON in each checkpoint, which has no NaN or inf, and
+    # no field means "none" by inf (those that have a "none" spell it None: grad_clip, max_wall_time_h).
+    number = float(value) if isinstance(value, float) or abs(value) < 2 ** 1023 else math.inf  # float(10**400) raises
+    if not math.isfinite(number):
+      raise ConfigError(f"{path}={value!r}: must be a finite number")
+    return number
   if tp is str:
     if not isinstance(value, str):
       raise ConfigError(f"{path}={value!r} must be a str, got {type(value).__name__}")

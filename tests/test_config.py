@@ -90,6 +90,7 @@ def test_tiny_config_validates_with_the_expected_model():
     ("run_dir", None, r"run_dir is required \(got None\)"),
     ("train.steps", None, r"train\.steps is required"),
     ("checkpoint.every_steps", None, r"checkpoint\.every_steps is required"),
+    ("train.steps", -1, r"train\.steps=-1: must be >= 0"),
     ("algo.name", "ppo", r"algo\.name='ppo' is not one of 'grpo', 'sdpo', 'srpo'"),
     ("data.task", "math", r"data\.task='math' is not one of"),
     ("model.dtype", "float16", r"model\.dtype='float16' is not one of 'float32', 'bfloat16'"),

@@ -15,6 +15,7 @@ import pathlib
 import typing
 
 import ml_collections
+import pytest
 
 from srpo_jax import config as C
 
@@ -155,3 +156,41 @@ def test_model_overrides_are_qwen3_config_fields():
           q.intermediate_size, q.tie_word_embeddings, q.vocab_size) == tuple(dims.values())
   assert not {n for n in vars(C.ModelConfig) if not n.startswith("_")} - {f.name for f in dataclasses.fields(
       C.ModelConfig)} - {"qwen3_overrides"}
+
+
+def _float_fields() -> dict[str, bool]:
+  """{dotted name: is a tuple of floats} for every float field of the schema (Optional[float] included)."""
+  out = {}
+  for path in schema_fields():
+    *sections, name = path.split(".")
+    cls = C.Config
+    for s in sections:
+      cls = typing.get_type_hints(cls)[s]
+    tp = typing.get_type_hints(cls)[name]
+    if typing.get_origin(tp) is typing.Union:
+      (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    if tp is float or (typing.get_origin(tp) is tuple and typing.get_args(tp)[0] is float):
+      out[path] = tp is not float
+  return out
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+def test_every_float_field_refuses_non_finite_values(bad):
+  """One check in validation covers every float field, present and future: the config is stored as JSON in each
+  checkpoint (no NaN/inf there), so `optim.lr=inf` used to train and then fail at the first save."""
+  fields = _float_fields()
+  assert {"optim.lr", "algo.clip_high", "train.max_wall_time_h", "train.time_budgets_h",
+          "rollout.request_deadline_s"} <= set(fields)
+  for path, is_tuple in fields.items():
+    cd = C.get_base_config()
+    cd.run_dir, cd.train.steps, cd.checkpoint.every_steps, cd.model.random_init = "r", 1, 1, "tiny"
+    raw = cd.to_dict()
+    *sections, name = path.split(".")
+    node = raw
+    for s in sections:
+      node = node[s]
+    node[name] = (1.0, bad) if is_tuple else bad
+    with pytest.raises(C.ConfigError) as err:
+      C.validate(raw, check_files=False)
+    where = f"{path}[1]" if is_tuple else path
+    assert str(err.value) == f"{where}={bad!r}: must be a finite number", str(err.value)
