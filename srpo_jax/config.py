@@ -26,6 +26,7 @@ import difflib
 import math
 import os
 import sys
+import types
 import typing
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
@@ -792,14 +793,24 @@ def check_override_flags(argv: Sequence[str], flag_name: str = "config") -> None
 
 def parse_flags(argv: Sequence[str], flag_name: str = "config") -> list[str]:
   """`absl.app.run(main, flags_parser=parse_flags)`: absl's flag parsing, but an unknown `--config.x.y` key
-  exits with a one-line message naming the key (config_flags alone dies with a bare KeyError traceback)."""
+  exits with a one-line message naming the key (config_flags alone dies with a bare KeyError traceback), and a
+  config file (`--config=`, `--mesh=`) without `get_config` exits with status 2 naming the file (main, compare and
+  plan all parse their flags here)."""
   from absl import app  # Local: only the entry point needs absl.
   try:
     check_override_flags(argv, flag_name)
   except ConfigError as e:
     print(f"FATAL Flags parsing error: {e}", file=sys.stderr)  # the wording of absl's own parse errors
     sys.exit(1)
-  return app.parse_flags_with_usage(list(argv))
+  try:
+    return app.parse_flags_with_usage(list(argv))
+  except AttributeError as e:  # config_flags calls `<loaded module>.get_config(param)` while parsing the flag
+    module = getattr(e, "obj", None)
+    if e.name != "get_config" or not isinstance(module, types.ModuleType):
+      raise
+    print(f"config error: {getattr(module, '__file__', module.__name__)}: no get_config() (a config file defines "
+          "`get_config(param='')` returning the ConfigDict, as configs/tiny.py does)", file=sys.stderr)
+    sys.exit(2)  # the entry points' status for a bad config
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -60,5 +60,10 @@ def load_task(cfg, tokenizer) -> Task:
     if not rendered.ids:
       raise ValueError(f"data.task={d.task!r}: no {name} prompt fits data.max_prompt_tokens={d.max_prompt_tokens} "
                        f"({rendered.dropped} dropped as longer)")
+  # Here, where the usable training set's size is first known (after skips and drops). Not an error: the step reads
+  # on through the next epochs (trainer.prompt_rows), so it holds some prompts more than once.
+  if cfg.rollout.prompts_per_step > len(train.ids):
+    log.warning("rollout.prompts_per_step=%d is larger than the training set of data.task=%r (%d prompts): each step "
+                "holds some prompts more than once", cfg.rollout.prompts_per_step, d.task, len(train.ids))
   return Task(train=train, test=test, reward=reward_for(d.task, d.tooluse_strict_reward), skipped_rows=skipped,
               dropped_prompts=train.dropped + test.dropped, tooluse_system_prompt=d.tooluse_system_prompt)

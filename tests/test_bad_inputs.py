@@ -145,6 +145,24 @@ def test_skipped_and_dropped_rows_are_counted_and_logged(tmp_path, tokenizer, ca
   assert "train 1, test 0" in caplog.text
 
 
+def test_more_prompts_per_step_than_training_prompts_warns_once_with_both_numbers(tmp_path, tokenizer, caplog):
+  import dataclasses
+  # 3 rows, one too long: 2 usable training prompts against tiny.py's rollout.prompts_per_step=16.
+  write_split(tmp_path, "physics", "train", [mcq(), mcq(idx=2, prompt="word " * 400), mcq(idx=3)])
+  write_split(tmp_path, "physics", "test", [mcq(idx=10)])
+  cfg = _cfg(tmp_path)
+  with caplog.at_level("WARNING", logger="srpo_jax"):
+    task_lib.load_task(cfg, tokenizer)
+  warned = [r.getMessage() for r in caplog.records if "rollout.prompts_per_step" in r.getMessage()]
+  assert warned == ["rollout.prompts_per_step=16 is larger than the training set of data.task='physics' (2 prompts): "
+                    "each step holds some prompts more than once"]
+  caplog.clear()
+  fits = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, prompts_per_step=2))
+  with caplog.at_level("WARNING", logger="srpo_jax"):
+    task_lib.load_task(fits, tokenizer)
+  assert "rollout.prompts_per_step" not in caplog.text
+
+
 def test_summary_reports_skipped_and_dropped_rows(tmp_path, tokenizer):
   import dataclasses
   from srpo_jax import trainer as trainer_lib

@@ -345,3 +345,15 @@ def test_config_flags_dotted_overrides_end_to_end():
       "FATAL Flags parsing error: unknown config key 'algo.nam'; did you mean 'algo.name'?")
   proc = run("--config.rollout.n=eight")  # absl's own parse errors keep their one-line form
   assert proc.returncode == 1 and "FATAL Flags parsing error: flag --config.rollout.n=eight" in proc.stderr
+
+
+def test_config_file_without_get_config_is_one_line_naming_the_file(tmp_path):
+  bad = tmp_path / "x.py"
+  bad.write_text("from srpo_jax import config\nc = config.get_base_config()\n")  # the function was forgotten
+  for entry, args in (("srpo_jax.main", [f"--config={bad}"]),
+                      ("srpo_jax.main", ["--config=configs/tiny.py", f"--mesh={bad}"])):
+    proc = subprocess.run([sys.executable, "-m", entry, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [f"config error: {bad}: no get_config() (a config file defines "
+                                        "`get_config(param='')` returning the ConfigDict, as configs/tiny.py does)"]
