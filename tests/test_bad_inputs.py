@@ -273,6 +273,29 @@ def test_invalid_config_json_names_the_file(checkpoint, tmp_path):
     ({"num_attention_heads": 0}, "field num_attention_heads=0 must be a positive integer"),
     ({"hidden_size": "64"}, "field hidden_size='64' must be a positive integer"),
     ({"hidden_act": "gelu"}, "field hidden_act='gelu' is not supported"),
+    # Floats (Python's json reads NaN/Infinity literals): each used to load and give NaN or wrong logits.
+    ({"rope_theta": float("nan")}, "field rope_theta=nan must be a finite number > 0"),
+    ({"rope_theta": 0}, "field rope_theta=0 must be a finite number > 0"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": -1e6}},
+     "field rope_parameters.rope_theta=-1000000.0 must be a finite number > 0"),
+    ({"rms_norm_eps": float("nan")}, "field rms_norm_eps=nan must be a finite number > 0"),
+    ({"rms_norm_eps": -1e-6}, "field rms_norm_eps=-1e-06 must be a finite number > 0"),
+    ({"rms_norm_eps": 0.0}, "field rms_norm_eps=0.0 must be a finite number > 0"),
+    ({"rms_norm_eps": "1e-6"}, "field rms_norm_eps='1e-6' must be a finite number > 0"),
+    # RoPE scaling the model does not compute. The export also writes rope_parameters (default), which used to win,
+    # so a YaRN rope_scaling added by hand (as Qwen's model card suggests for long contexts) was ignored.
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
+     "field rope_scaling.rope_type='yarn' is not supported (only the default RoPE is implemented"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "field rope_scaling.type='linear' is not supported"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}, "rope_scaling": ...},
+     "field rope_parameters.rope_type='yarn' is not supported"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "dynamic", "rope_theta": 1e6}}},
+     "field rope_parameters.full_attention.rope_type='dynamic' is not supported"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}},
+     "field rope_parameters.partial_rotary_factor=0.5 is not supported"),
+    ({"rope_scaling": "yarn"}, "field rope_scaling='yarn' must be an object or null"),
+    ({"rope_theta": 10000.0}, "the RoPE base is given more than once, with different values: rope_theta=10000.0, "
+                              "rope_parameters.rope_theta=1000000.0"),
 ])
 def test_bad_config_field_names_file_and_field(checkpoint, tmp_path, changes, reason):
   d, _ = _copy(checkpoint, tmp_path / "c")
@@ -280,6 +303,21 @@ def test_bad_config_field_names_file_and_field(checkpoint, tmp_path, changes, re
   with pytest.raises(ValueError) as err:
     _load(d)
   assert str(err.value).startswith(f"{d / 'config.json'}: ") and reason in str(err.value)
+
+
+@pytest.mark.parametrize("changes", [
+    {},  # the export: rope_theta, rope_scaling null, rope_parameters default
+    {"rope_scaling": ..., "rope_parameters": ...},  # an older file: rope_theta at the top level only
+    {"rope_theta": ..., "rope_scaling": {"rope_type": "default"}},
+    {"rope_theta": ..., "rope_parameters": {"type": "default", "rope_theta": 1e6, "partial_rotary_factor": 1.0}},
+    {"rope_theta": ..., "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}},
+    {"rms_norm_eps": None},
+], ids=["export", "top-level", "scaling-default", "legacy-type-key", "per-layer-type", "eps-null"])
+def test_plain_rope_settings_still_load(checkpoint, tmp_path, changes):
+  d, _ = _copy(checkpoint, tmp_path / "c")
+  _edit_config(d, **changes)
+  model = _load(d)
+  assert (model.config.rope_theta, model.config.rms_norm_eps) == (1e6, 1e-6)
 
 
 def test_config_with_fewer_layers_than_the_weights_lists_the_extra_tensors(checkpoint, tmp_path):

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -121,12 +122,6 @@ class Qwen3Config:
       raise ValueError(f"{source}: field use_sliding_window=true is not supported (Qwen3 dense uses full attention)")
     if d.get("hidden_act", "silu") != "silu":  # the MLP computes SwiGLU; another activation would be silently wrong
       raise ValueError(f"{source}: field hidden_act={d['hidden_act']!r} is not supported (Qwen3's MLP is 'silu')")
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in (None, "default"):
-      raise ValueError(f"{source}: field rope_parameters.rope_type={rope_type!r} is not supported (only 'default')")
-    # transformers 5 moved rope_theta under rope_parameters; older files keep it at the top level.
-    rope_theta = rope.get("rope_theta", d.get("rope_theta", 1_000_000.0))
     size = lambda key, default=None: _positive_int_field(d, key, source, default)
     num_heads, hidden = size("num_attention_heads"), size("hidden_size")
     kw = dict(
@@ -134,8 +129,8 @@ class Qwen3Config:
         num_hidden_layers=size("num_hidden_layers"), num_attention_heads=num_heads,
         num_key_value_heads=size("num_key_value_heads", num_heads),
         head_dim=size("head_dim", hidden // num_heads),
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope_theta), tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        rms_norm_eps=_positive_float_field(d, "rms_norm_eps", source, 1e-6),
+        rope_theta=_rope_theta(d, source), tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         attention_bias=bool(d.get("attention_bias", False)),
         max_position_embeddings=d.get("max_position_embeddings", 40960),
         bos_token_id=d.get("bos_token_id", 151643) or 151643, eos_token_id=_first(d.get("eos_token_id", 151645)),
@@ -199,6 +194,65 @@ def _positive_int_field(d: dict[str, Any], key: str, source: str, default: int |
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
     raise ValueError(f"{source}: field {key}={value!r} must be a positive integer")
   return value
+
+
+def _positive_float_field(d: dict[str, Any], key: str, source: str, default: float) -> float:
+  """config.json's `key` as a finite number > 0 (`default` when absent or null). Python's json reads the NaN and
+  Infinity literals, and a NaN eps or RoPE base would only show up as NaN logits."""
+  if key not in d or d[key] is None:
+    return default
+  value = d[key]
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+    raise ValueError(f"{source}: field {key}={value!r} must be a finite number > 0")
+  return float(value)
+
+
+# transformers 5 may nest rope_parameters by layer type ({"full_attention": {...}, ...}).
+_ROPE_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _rope_theta(d: dict[str, Any], source: str) -> float:
+  """The RoPE base of an HF config, refusing every RoPE variant but the plain one (`rope()` computes only that).
+
+  Where transformers (5.x) reads it: `rope_scaling` (the older name, which takes precedence) or `rope_parameters`,
+  each null, a dict with `rope_type` (or the legacy `type`), or a dict of such dicts per layer type; `rope_theta` in
+  those dicts or at the top level. Any type but "default" (yarn, linear, dynamic, llama3, longrope, ...) and a
+  partial_rotary_factor other than 1 are refused, in whichever of these places they sit, so that none is ignored; the
+  values of rope_theta given must agree. None given: 1e6, Qwen3's.
+  """
+  found = {"rope_theta": d.get("rope_theta")}
+  ropes = {}
+  for key in ("rope_scaling", "rope_parameters"):
+    value = d.get(key)
+    if isinstance(value, dict) and any(t in value for t in _ROPE_LAYER_TYPES):
+      ropes.update({f"{key}.{t}": value[t] for t in value})
+    else:
+      ropes[key] = value
+  for name, rope in ropes.items():
+    if rope is None:
+      continue
+    if not isinstance(rope, dict):
+      raise ValueError(f"{source}: field {name}={rope!r:.80} must be an object or null")
+    for type_key in ("rope_type", "type"):
+      if rope.get(type_key) not in (None, "default"):
+        raise ValueError(f"{source}: field {name}.{type_key}={rope[type_key]!r} is not supported (only the default "
+                         "RoPE is implemented: null, absent or 'default')")
+    found[f"{name}.rope_theta"] = rope.get("rope_theta")
+    found[f"{name}.partial_rotary_factor"] = rope.get("partial_rotary_factor")
+  found["partial_rotary_factor"] = d.get("partial_rotary_factor")
+  thetas = {}
+  for name, value in found.items():
+    if value is None:
+      continue
+    if name.endswith("partial_rotary_factor"):
+      if value != 1:
+        raise ValueError(f"{source}: field {name}={value!r} is not supported (RoPE on the whole head only: 1)")
+    else:
+      thetas[name] = _positive_float_field(found, name, source, 0.0)
+  if len(set(thetas.values())) > 1:
+    raise ValueError(f"{source}: the RoPE base is given more than once, with different values: "
+                     + ", ".join(f"{k}={v!r}" for k, v in thetas.items()))
+  return next(iter(thetas.values()), 1_000_000.0)
 
 
 def _first(x):
