@@ -57,6 +57,21 @@ def test_undecodable_or_deep_line_names_file_and_line_and_is_skippable(tmp_path,
   assert len(loaded.skipped) == 1 and loaded.skipped[0].startswith(f"{path}:2:") and reason in loaded.skipped[0]
 
 
+@pytest.mark.parametrize("field", ["prompt", "system"])
+def test_lone_surrogate_is_a_data_error_not_a_tokenizer_type_error(tmp_path, tokenizer, field):
+  """JSON `"\\ud800"` decodes to a str the tokenizer refuses with a bare TypeError; row validation names it."""
+  bad = mcq(idx=2, **{field: "Q \ud800?"})
+  assert b"\\ud800" in bad  # the file holds the escape; the line is valid UTF-8 and valid JSON
+  path = write_split(tmp_path, "physics", "train", [mcq(), bad, mcq(idx=3)])
+  write_split(tmp_path, "physics", "test", [mcq(idx=10)])
+  reason = f"{path}:2: physics/train: '{field}' holds a lone surrogate U+D800 at character 3"
+  with pytest.raises(DataError) as err:
+    task_lib.load_task(_cfg(tmp_path), tokenizer)
+  assert str(err.value).startswith(reason), str(err.value)
+  task = task_lib.load_task(_cfg(tmp_path, on_error="skip"), tokenizer)
+  assert [r.idx for r in task.train.rows] == [1, 3] and task.skipped_rows == 1
+
+
 def test_deep_tooluse_answer_is_a_data_error(tmp_path):
   """The tool-use gold is itself JSON, decoded by the validator: its depth is checked as the line's."""
   bad = json.dumps(dict(GOOD_TOOL, idx=6, answer=DEEP)).encode()

@@ -128,6 +128,16 @@ def _validate_tooluse_answer(answer: str) -> None:
         raise ValueError(f"'answer' step {k} needs a string {key!r}, got {step.get(key)!r:.80}")
 
 
+def _require_encodable(key: str, text: str) -> None:
+  """JSON's `\\ud800` escape decodes to a lone surrogate: a str that is not text, which the tokenizer refuses with a
+  bare TypeError. Caught here, at row validation, it is a row error like any other (named, skippable)."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as err:
+    raise ValueError(f"{key!r} holds a lone surrogate U+{ord(text[err.start]):04X} at character {err.start + 1} "
+                     "(a JSON \\u escape that is not a character)") from None
+
+
 def parse_row(obj: object, task: str, split: str) -> Row:
   """Validates one decoded JSON object and returns its Row; raises ValueError naming the bad field."""
   if not isinstance(obj, dict):
@@ -148,6 +158,9 @@ def parse_row(obj: object, task: str, split: str) -> Row:
     raise ValueError(f"'answer' must be a string, got {answer!r:.80}")
   if system is not None and not isinstance(system, str):
     raise ValueError(f"'system' must be a string or null, got {system!r:.80}")
+  for key, text in (("prompt", prompt), ("system", system), ("answer", answer)):
+    if text is not None:
+      _require_encodable(key, text)
   if want_kind == "mcq":
     if answer not in MCQ_LETTERS:
       raise ValueError(f"'answer' must be one of {MCQ_LETTERS} for an mcq row, got {answer!r:.80}")
