@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterator, Optional
 import jax
 import numpy as np
 
+from srpo_jax.supervise import PEER_LOST_EXIT, lost_message
+
 # How long the coordination service waits for a silent process before declaring it dead and stopping the others
 # (JAX's default is 100 s): a killed peer then ends the run within this bound instead of a hang in a collective.
 HEARTBEAT_TIMEOUT_S = 20
@@ -34,7 +36,6 @@ HEARTBEAT_TIMEOUT_S = 20
 STAMP_PERIOD_S = 0.5
 PEER_TIMEOUT_S = 10.0
 _STAMPS = "srpo_jax/alive/"
-PEER_LOST_EXIT = 5  # the exit status of a process that stopped because a peer process was lost
 
 
 def initialize(num_processes: int = 1, coordinator: Optional[str] = None, process_id: Optional[int] = None,
@@ -101,13 +102,7 @@ def _watch_peers() -> None:
 
 def _stop_for_lost_peers(lost: Optional[list[int]], error: Optional[BaseException]) -> None:
   """One line naming the lost peers (None: process 0, the coordinator), then exit PEER_LOST_EXIT at once."""
-  me, n = jax.process_index(), jax.process_count()
-  who = "process 0 (the coordinator; it no longer answers)" if lost is None else (
-      "process " + ", ".join(map(str, lost)) + " (it stopped answering)")
-  first = "" if error is None else (str(error).strip().splitlines() or [""])[0][:300]
-  kept = _what_is_kept[0]()
-  msg = (f"multi-process run: process {me} of {n} lost {who}; stopping."
-         + (f" Its error: {type(error).__name__}: {first}." if error is not None else "") + (f" {kept}" if kept else ""))
+  msg = lost_message(jax.process_index(), jax.process_count(), lost, error, _what_is_kept[0]())
   print(msg, file=sys.stderr, flush=True)
   sys.stdout.flush()
   os._exit(PEER_LOST_EXIT)  # skips the shutdown barrier a lost peer would never reach (exit_on_failure)

@@ -14,7 +14,7 @@ from absl import app
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from srpo_jax import config as config_lib
+from srpo_jax import config as config_lib, supervise
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py[:param]).",
                                           lock_config=True)
@@ -35,6 +35,10 @@ def main(argv):
   except config_lib.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
+  if cfg.mesh.num_processes > 1 and not supervise.supervised():  # the work runs in a child (srpo_jax/supervise.py)
+    kept = lambda: __import__("srpo_jax.checkpointing").checkpointing.describe_newest(cfg.checkpoint_dir)
+    sys.exit(supervise.run_supervised([sys.executable, "-m", "srpo_jax.main", *sys.argv[1:]], cfg.mesh.num_processes,
+                                      cfg.mesh.process_id, cfg.mesh.coordinator, kept))
   from srpo_jax import checkpointing, distributed, plan, run
   from srpo_jax.rollout.sglang_engine import SGLangError
   try:

@@ -13,12 +13,23 @@ device count with XLA_FLAGS before starting. Errors end the process as in `srpo_
 """
 import os
 import sys
+import time
+
+
+def checkpoint_note(directory: str) -> str:
+  from srpo_jax.checkpointing import describe_newest
+  return describe_newest(directory)
 
 
 def main():
   run_dir, steps, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
   num_processes, process_id, coordinator = (int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]) if len(sys.argv) > 4 \
       else (1, None, None)
+  from srpo_jax import supervise
+  if num_processes > 1 and not supervise.supervised():  # as srpo_jax.main: the work runs in a supervised child
+    sys.exit(supervise.run_supervised([sys.executable, "-m", "tests.multiprocess_trainer_worker", *sys.argv[1:]],
+                                      num_processes, process_id, coordinator,
+                                      lambda: checkpoint_note(os.path.join(run_dir, "checkpoints"))))
   root = os.path.realpath(run_dir)
   wrote = set()
 
@@ -39,6 +50,16 @@ def main():
   sys.addaudithook(audit)
 
   from srpo_jax import checkpointing, distributed, run
+  hold = os.environ.get("SRPO_TEST_HOLD_SAVE")  # "STEP": process 0 stops inside checkpoint STEP's save (to be killed)
+  if hold and process_id == 0:
+    write_integrity = checkpointing._write_integrity
+
+    def held(step_dir, step):
+      if step == int(hold):
+        print(f"HOLDING SAVE {step}", flush=True)
+        time.sleep(600)
+      write_integrity(step_dir, step)
+    checkpointing._write_integrity = held
   from srpo_jax.tokenizer import load_tokenizer
   from srpo_jax.trainer import Trainer
   from tests.e2e_utils import coin_task, fast_config
@@ -54,7 +75,7 @@ def main():
       "mesh.coordinator": coordinator, **mesh_layout})
   mesh = run.build_mesh(cfg)
   tokenizer = load_tokenizer(cfg.tokenizer.path)
-  with distributed.exit_on_failure(lambda: checkpointing.describe_newest(cfg.checkpoint_dir)):
+  with distributed.exit_on_failure(lambda: checkpoint_note(cfg.checkpoint_dir)):
     trainer = Trainer(cfg, tokenizer=tokenizer, mesh=mesh, task=coin_task(cfg, tokenizer))
     trainer.run()
 

@@ -160,3 +160,35 @@ def test_two_process_checkpoint_resumes_on_one_process(runs, name):
   assert sorted(resumed) == [1, 2, 3]
   assert_same_metrics(resumed, ref, [3])
   assert_same_state(root / name, root / "ref", 3)
+
+
+def test_coordinator_killed_during_a_checkpoint_save_stops_the_other_with_its_name(tmp_path):
+  """Process 0 (the coordination service's host) is SIGKILLed inside checkpoint 1's save (held in its integrity
+  record's write, while process 1 waits in orbax's barrier). JAX's client aborts process 1's worker from a C++ thread
+  (SIGABRT); its supervisor (srpo_jax/supervise.py) names the lost coordinator and exits PEER_LOST_EXIT."""
+  from srpo_jax.distributed import PEER_LOST_EXIT
+  port = free_port()
+  env = {**_env(4), "SRPO_TEST_HOLD_SAVE": "1"}
+  procs = [subprocess.Popen([*WORKER, str(tmp_path), "2", "0", "2", str(i), f"127.0.0.1:{port}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    for line in procs[0].stdout:  # process 0 reached the held save (process 1 is in the same save)
+      if line.startswith("HOLDING SAVE 1"):
+        break
+    else:
+      raise AssertionError(f"process 0 ended before the save: rc {procs[0].wait()}")
+    time.sleep(1.0)
+    procs[0].send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    out1 = procs[1].communicate(timeout=KILL_BOUND_S + 60)[0]
+    took = time.monotonic() - t0
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert procs[1].returncode == PEER_LOST_EXIT, out1[-3000:]
+  assert took < KILL_BOUND_S, took
+  last = out1.strip().splitlines()[-1]
+  assert last.startswith("multi-process run: process 1 of 2 lost process 0 (the coordinator"), last
+  assert f"No complete checkpoint in {tmp_path / 'checkpoints'}" in last  # checkpoint 1 was never completed
+  assert not any(n.isdigit() for n in os.listdir(tmp_path / "checkpoints"))
