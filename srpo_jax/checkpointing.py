@@ -37,6 +37,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
 
@@ -140,6 +141,9 @@ class Checkpointer:
                                  f"(newest: {self.latest_step()})")
     self._check_space(step, state_pytree)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state_pytree), meta=ocp.args.JsonSave(meta))
+    absl_log = logging.getLogger("absl")
+    absl_log.addFilter(_no_space_record)  # orbax's writer threads log the error we report in one line below
+    _quiet_abandoned_writes()
     try:
       saved = self._mgr.save(step, args=args, force=force)
       self._mgr.wait_until_finished()
@@ -152,17 +156,25 @@ class Checkpointer:
                               f"({_free_gb(self.directory)} free); the previous checkpoints are kept (newest: "
                               f"{self.latest_step()})") from None
       raise
+    finally:
+      absl_log.removeFilter(_no_space_record)
     return bool(saved)
 
   def _check_space(self, step: int, state_pytree: PyTree) -> None:
-    need = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state_pytree)
-               if hasattr(x, "shape") and hasattr(x, "dtype") and not jax.dtypes.issubdtype(x.dtype,
-                                                                                           jax.dtypes.prng_key))
+    """Refuses a save that cannot fit. The estimate is the newest checkpoint's size on disk: the same tree, written
+    the same way (orbax compresses, so the arrays' own bytes over-count: 0.157 GB for a 0.11 GB tiny checkpoint).
+    Without a checkpoint there is no estimate that could not refuse a save that fits; the write reports a full disk
+    in one line all the same."""
+    del state_pytree  # its uncompressed size is no estimate (above)
+    newest = self.latest_step()
+    if newest is None:
+      return
+    need = sum(_file_size(os.path.join(d, n)) for d, _, names in os.walk(self.step_dir(newest)) for n in names)
     free = shutil.disk_usage(self.directory).free
     if need > free:
       raise CheckpointError(f"{self.step_dir(step)}: No space left on device: checkpoint {step} needs about "
-                            f"{need / 1e9:.3f} GB, {free / 1e9:.3f} GB free; nothing written, the previous "
-                            f"checkpoints are kept (newest: {self.latest_step()})")
+                            f"{need / 1e9:.3f} GB (checkpoint {newest}'s size), {free / 1e9:.3f} GB free; nothing "
+                            f"written, the previous checkpoints are kept (newest: {newest})")
 
   def verify(self, step: int) -> None:
     """Raises CorruptCheckpoint naming the path unless checkpoint `step` matches its integrity record: the record
@@ -370,6 +382,42 @@ def _is_no_space(e: BaseException) -> bool:
       return True
     e = e.__cause__ or e.__context__
   return False
+
+
+def _file_size(path: str) -> int:
+  try:
+    return os.path.getsize(path)
+  except OSError:
+    return 0
+
+
+def _no_space_record(record: logging.LogRecord) -> bool:
+  """A logging filter: False (drop) for a record about a full disk, which `Checkpointer.save` reports itself."""
+  text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info and record.exc_info[1] else "")
+  return "No space left on device" not in text
+
+
+_ABANDONED = ("Event loop is closed", "sys.meta_path is None")
+_hook_installed = False
+
+
+def _quiet_abandoned_writes() -> None:
+  """After a failed orbax write, the writes it abandoned still complete, into an event loop already closed (and at
+  interpreter exit into a half torn-down interpreter): Python reports each as an unraisable exception, hundreds of
+  tracebacks after the one error that matters, some before orbax's save even returns. From the first save on, those
+  two messages alone are dropped."""
+  global _hook_installed
+  if _hook_installed:
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if isinstance(e, (RuntimeError, ImportError)) and any(m in str(e) for m in _ABANDONED):
+      return
+    previous(unraisable)
+  sys.unraisablehook = hook
+  _hook_installed = True
 
 
 def _free_gb(directory: str) -> str:

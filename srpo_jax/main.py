@@ -41,11 +41,12 @@ def main(argv):
                                       cfg.mesh.process_id, cfg.mesh.coordinator, kept))
   from srpo_jax import checkpointing, distributed, plan, run
   from srpo_jax.rollout.sglang_engine import SGLangError
+  CHECKPOINT_ERRORS = (checkpointing.CheckpointError, checkpointing.RunDirInUse)
   try:
     mesh = run.build_mesh(cfg)
     # Multi-process runs: an error ends this process at once (its peers' next collective then fails; they name it).
     with distributed.exit_on_failure(lambda: checkpointing.describe_newest(cfg.checkpoint_dir),
-                                     statuses={plan.DoesNotFit: 3, SGLangError: 4}):
+                                     statuses={plan.DoesNotFit: 3, SGLangError: 4, **{t: 6 for t in CHECKPOINT_ERRORS}}):
       run.run(cfg, mesh=mesh)
   except plan.DoesNotFit as e:
     print(f"memory plan: {e}", file=sys.stderr)
@@ -54,6 +55,10 @@ def main(argv):
     logging.getLogger("srpo_jax").debug("rollout server error", exc_info=True)
     print(f"rollout server: {e}", file=sys.stderr)
     sys.exit(4)
+  except CHECKPOINT_ERRORS as e:  # a full disk, a corrupt or foreign checkpoint, a run_dir in use: said in one line
+    logging.getLogger("srpo_jax").debug("checkpoint error", exc_info=True)
+    print(f"checkpoint: {e}", file=sys.stderr)
+    sys.exit(6)
 
 
 if __name__ == "__main__":
