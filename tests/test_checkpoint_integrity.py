@@ -311,3 +311,35 @@ def test_a_step_directory_never_appears_without_its_record(tmp_path):
   ck.verify(2)
   state, meta = ck.restore(2, {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32)})
   assert meta == {"step": 2} and float(state["w"][0, 0]) == 2.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 20: a record of a newer format is refused, not taken for corrupt; restored state is finite.
+# ---------------------------------------------------------------------------------------------------------------------
+def test_newer_integrity_format_is_refused_naming_both_versions(tmp_path):
+  ck = _saved(tmp_path)
+  path = os.path.join(ck.step_dir(2), C.INTEGRITY_FILE)
+  record = json.load(open(path))
+  record["version"] = C.INTEGRITY_VERSION + 1
+  json.dump(record, open(path, "w"))
+  with pytest.raises(CheckpointError) as e:
+    ck.restore_newest_intact(_abstract())
+  assert not isinstance(e.value, C.CorruptCheckpoint)  # no silent fallback to checkpoint 1
+  msg = str(e.value)
+  assert f"format version {C.INTEGRITY_VERSION + 1}, newer than this srpo_jax reads ({C.INTEGRITY_VERSION})" in msg
+  assert ck.step_dir(2) in msg and os.path.isdir(ck.step_dir(2))  # left where it is
+
+
+def test_restored_non_finite_state_is_corrupt_and_falls_back(tmp_path, monkeypatch):
+  """Damaged data under a record that matches it (as when the record is regenerated): it restores NaN."""
+  ck = _saved(tmp_path, steps=(1,))
+  monkeypatch.setattr(C, "require_finite", lambda tree, what: None)  # what damaged data amounts to
+  bad = _state(2.0)
+  bad["teacher"]["embed"] = bad["teacher"]["embed"].at[3, 4].set(jnp.nan)
+  assert ck.save(2, bad, {"step": 2})
+  monkeypatch.undo()
+  ck.verify(2)  # the record matches the bytes
+  with pytest.raises(C.CorruptCheckpoint, match=r"restored non-finite values.*teacher\.embed holds 1 NaN/inf"):
+    ck.restore(2, _abstract())
+  found = ck.restore_newest_intact(_abstract())
+  assert found.step == 1 and found.skipped[0][0] == ck.step_dir(2)
