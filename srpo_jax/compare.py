@@ -14,7 +14,8 @@ Outputs in `<run_dir>_compare/` (`write_comparison`, which reads only the run di
                    (ddof = 1; no ± with one seed), the per-seed best and final values, and the self-teacher's signal:
                    the mean of `sdpo/jsd` (the step's mean top-k JSD between teacher and student over SDPO-routed
                    tokens) over the steps that routed any rollout to SDPO, averaged over the seeds ("-" for a method
-                   without SDPO rows); then one row per run (`metrics.summary_table`).
+                   without SDPO rows); then one row per run (`metrics.summary_table`), whose best_at_<h>h_wall /
+                   best_at_<h>h_train columns are the best avg@n within h hours of each clock (`CLOCKS_NOTE`).
   comparison.png   one seed: the six panels of `plot.plot_runs`; several: `plot.plot_seed_bands` (per method, the mean
                    over seeds as a line and the min-max over seeds as a band).
 """
@@ -40,6 +41,8 @@ _SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds per method (config seed, +1, ..
                               lower_bound=1)
 
 COMPARISON_TXT = "comparison.txt"
+CLOCKS_NOTE = ("best_at_<h>h_wall: best avg@n within h hours of wall clock, evaluation included (the paper's budgets); "
+               "best_at_<h>h_train: of the training clock, evaluation excluded")
 COMPARISON_PNG = "comparison.png"
 
 
@@ -128,7 +131,7 @@ def write_comparison(root: str, runs: Mapping[str, Mapping[int, str]]) -> str:
   per_run = {os.path.relpath(d, root): M.read_summary(d) for by_seed in runs.values() for d in by_seed.values()}
   n_seeds = max(len(r.seeds) for r in results.values())
   text = (f"{n_seeds} seed(s) per method; mean ± sample std over seeds (ddof=1)\n\n" + comparison_table(results)
-          + "\n\nruns:\n" + M.summary_table(per_run) + "\n")
+          + "\n\nruns (" + CLOCKS_NOTE + "):\n" + M.summary_table(per_run) + "\n")
   os.makedirs(root, exist_ok=True)
   with open(os.path.join(root, COMPARISON_TXT), "w") as f:
     f.write(text)

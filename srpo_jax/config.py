@@ -304,6 +304,14 @@ class OptimConfig:
       "capped at rollout.prompts_per_step. Spec.", POSITIVE)
   micro_batch_size: Optional[int] = _f(
       None, "Rollouts per forward/backward (gradient accumulation); None = whole mini-batch.", POSITIVE)
+  balance_batch: bool = _f(
+      False, "Mini-batches as verl's trainer.balance_batch leaves them (srpo_jax.balance): the step's rollouts "
+      "split into balance_batch_ranks length-balanced partitions, mini-batch m the m-th slice of each; off = whole "
+      "prompt groups in sampling order. Changes the update only with several mini-batches per step (grpo). On in "
+      "the paper configs (verl's default, the official runs); routing and advantages always see whole groups.")
+  balance_batch_ranks: int = _f(
+      8, "The data-parallel workers verl balances over (balance_batch): the official runs' 8 GPUs. A number, not "
+      "this run's mesh, so a run's mini-batches do not depend on its device layout.", POSITIVE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,8 +325,8 @@ class TrainConfig:
                             NON_NEGATIVE)
   warmstart_lr: float = _f(1e-3, "lr of the warm-start (Adam, no decay).", POSITIVE)
   time_budgets_h: tuple[float, ...] = _f(
-      (1.0, 5.0, 10.0), "Report the best eval accuracy reached within these hours of the training clock (evaluation "
-      "excluded; metrics.py). Paper.",
+      (1.0, 5.0, 10.0), "Report the best eval accuracy reached within these hours, on the wall clock (the paper's) "
+      "and on the training clock (evaluation excluded): summary best_at_<h>h_wall / _train (metrics.py). Paper.",
       all_positive("must be positive hours"))
   max_wall_time_h: Optional[float] = _f(
       None, "Stop after this many hours on the training clock (evaluation excluded; None = run all steps).", POSITIVE)
@@ -331,7 +339,8 @@ class EvalConfig:
   every_steps: int = _f(5, "Evaluate every this many steps (and after the last); 0 = only at start and end. "
                         "Table 3.", NON_NEGATIVE)
   at_start: bool = _f(True, "Evaluate the initial model (step 0), the \"base\" row of the paper's table. The paper "
-                      "configs set False (the official val_before_train: False); the tiny demo keeps its baseline.")
+                      "configs follow the official ones' val_before_train: on for grpo, off for the others; the tiny "
+                      "demo keeps its baseline.")
   n_samples: int = _f(16, "Samples per test question; the metric is avg@16 (mean accuracy). Table 3.", POSITIVE)
   temperature: float = _f(0.6, "Validation sampling temperature. Table 3.", NON_NEGATIVE)
   top_p: float = _f(0.95, "Validation top-p. Table 3.", UNIT_NO_ZERO)
@@ -687,6 +696,10 @@ def _check_relations(c: Config) -> None:
   if c.rollouts_per_mini_batch % c.micro_batch_size:
     raise ConfigError(f"optim.micro_batch_size={c.micro_batch_size} does not divide the rollouts per mini-batch "
                       f"(rollout.n={c.rollout.n} × mini_batch_prompts={mb} = {c.rollouts_per_mini_batch})")
+  if c.optim.balance_batch:
+    _require(c.rollouts_per_mini_batch % c.optim.balance_batch_ranks == 0, "optim.balance_batch_ranks",
+             c.optim.balance_batch_ranks, f"must divide the rollouts per mini-batch (rollout.n={c.rollout.n} × "
+             f"mini_batch_prompts={mb} = {c.rollouts_per_mini_batch}): each worker takes an equal share of each")
   if c.optim.micro_batch_tokens is not None:
     longest = c.data.max_prompt_tokens + c.rollout.max_new_tokens
     # batching.seq_bucket (config stays free of numpy): powers of two up to 1,024, then multiples of 1,024.
@@ -847,7 +860,9 @@ def paper_config(model_name: str, param: str = "", mesh: Optional[Mapping[str, i
   c.rollout.sglang_args = ("--mem-fraction-static", "0.35")
   c.train.steps = 1000  # An upper bound: the paper reports best accuracy within 10h of wall-clock.
   c.train.max_wall_time_h = 10.0
-  c.eval.at_start = False  # the official config's val_before_train: False (no step-0 evaluation)
+  # The official configs: GRPO's validates before training (val_before_train: True), SDPO's and SRPO's do not.
+  c.eval.at_start = algo == "grpo"
+  c.optim.balance_batch = True  # verl's trainer.balance_batch default, on in the official runs
   c.checkpoint.every_steps = 10
   for k, v in (mesh or {}).items():
     c.mesh[k] = v

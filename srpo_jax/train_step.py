@@ -15,6 +15,9 @@ A teacher micro-batch's numerator uses the unnormalised `exp(−βH)` and report
 the mini-batch's teacher micro-batches first and then scales the accumulated gradient (and loss) once by
 `|Ω| / Σ_Ω exp(−βH)` (`accumulate`'s / `apply`'s `scale`) before the plain micro-batches add theirs. The SDPO part
 is linear in its weights, so this equals normalising first, with one teacher forward per rollout instead of two.
+An entropy bonus (`algo.entropy_coef > 0`) is not an SDPO term and must not be scaled: with DW, such a mini-batch
+computes the normaliser up front instead (`dw_sum`, one teacher forward per SDPO-routed rollout) and passes it in
+`Denominators.dw_norm`; nothing is deferred then.
 
 On-policy steps (one optimizer step per training step) pass no π_old: the update uses `stop_gradient(π_θ)`, as the
 official code's `log_prob.detach()`, so the GRPO ratio and the SDPO IS ratio are exactly 1.
@@ -132,12 +135,30 @@ def check_dw_beta(beta: float, vocab: int) -> None:
                      f"{math.log(vocab):.2f} (V={vocab}); use dw_beta <= {80.0 / math.log(vocab):.2f}")
 
 
+class Denominators(NamedTuple):
+  """What a micro-batch's share of the mini-batch loss is divided or weighted by, known before the mini-batch runs
+  (replicated scalars). `accumulate` also takes a bare scalar: the objective's denominator, shared by the entropy
+  bonus, the DW normaliser deferred."""
+  objective: Any  # `losses.routed_objective`'s denominator over the mini-batch
+  entropy: Any    # `losses.entropy_bonus`'s denominator over the mini-batch (every valid token / non-empty rollout)
+  dw_norm: Any = None  # |Ω| / Σ_Ω exp(−βH) computed up front (`dw_sum`); None: deferred (module docstring)
+
+  @classmethod
+  def of(cls, denominator) -> "Denominators":
+    return denominator if isinstance(denominator, cls) else cls(objective=denominator, entropy=denominator)
+
+
 def micro_objective(params, teacher_params, graphdef, mb: MicroBatch, denominator, hp: LossHParams):
   """This micro-batch's share of the mini-batch objective (numerator / mini-batch denominator) and its statistics.
 
-  A teacher micro-batch's DW weights are the unnormalised exp(−βH) (module docstring: deferred DW)."""
+  A teacher micro-batch's DW weights are the unnormalised exp(−βH) (module docstring: deferred DW), times
+  `denominator.dw_norm` when that is given. The entropy bonus is aggregated as verl does (`losses.entropy_bonus`)."""
   method = hp.method
   a = hp.algo
+  den = Denominators.of(denominator)
+  if a.entropy_coef and method.dynamic_weighting and mb.has_teacher and den.dw_norm is None:
+    raise ValueError("micro_objective: with algo.entropy_coef > 0 a teacher micro-batch needs the DW normaliser up "
+                     "front (Denominators.dw_norm): a deferred normaliser would scale its entropy bonus too")
   model = nnx.merge(graphdef, params)
   b, resp_len = mb.resp.shape
   h, targets = response_hidden(model, mb.ids, mb.mask, mb.start, resp_len)  # [B, T, D], [B, T]
@@ -168,11 +189,13 @@ def micro_objective(params, teacher_params, graphdef, mb: MicroBatch, denominato
   grpo_in = grpo_loss if method.grpo_rows != "none" else None
   if grpo_in is None and sdpo_loss is None:
     sdpo_loss = jnp.zeros_like(logp)  # an SDPO-only method's plain micro-batch: every rollout carries zero loss
-  num, _ = losses.routed_objective(grpo_in, sdpo_loss, dw, mb.resp, mb.grpo, mb.sdpo, method=method,
+  dw_loss = dw if dw is None or den.dw_norm is None else dw * den.dw_norm
+  num, _ = losses.routed_objective(grpo_in, sdpo_loss, dw_loss, mb.resp, mb.grpo, mb.sdpo, method=method,
                                    loss_agg=hp.loss_agg, mix_lambda=a.mix_lambda)
+  loss = num / jnp.maximum(den.objective, 1.0)
   if a.entropy_coef:
-    num = num - a.entropy_coef * jnp.sum(jnp.where(mb.resp, entropy, 0.0))
-  loss = num / jnp.maximum(denominator, 1.0)
+    bonus, _ = losses.entropy_bonus(entropy, mb.resp, loss_agg=hp.loss_agg)
+    loss = loss - a.entropy_coef * bonus / jnp.maximum(den.entropy, 1.0)
   return loss, _micro_stats(mb, logp, old_logp, entropy, roll_w, grpo_loss, sdpo_loss, jsd, t_entropy, dw, a)
 
 
@@ -225,9 +248,10 @@ def make_optimizer(lr: float, *, warmup_steps: int = 10, weight_decay: float = 0
 
 class TrainFns(NamedTuple):
   prepare: Any     # (params, ids, mask, start, resp) -> π_old [B, T] (one chunk of rollouts)
-  accumulate: Any  # (params, teacher, grads, scale, one micro-batch, denominator) -> (grads, loss, sums, maxes)
+  accumulate: Any  # (params, teacher, grads, scale, one micro-batch, denominator(s)) -> (grads, loss, sums, maxes)
   apply: Any       # (params, opt_state, grads, loss, scale) -> (params, opt_state, grad_norm, finite)
   ema: Any         # (teacher, params, rate) -> teacher
+  dw_sum: Any = None  # (teacher, one teacher micro-batch) -> Σ_Ω exp(−βH): the DW normaliser up front
 
 
 class TrainShardings(NamedTuple):
@@ -323,6 +347,17 @@ def make_train_fns(graphdef, optimizer, hp: LossHParams, shardings: Optional[Tra
     (loss, (sums, maxes)), g = grad_fn(params, teacher_params, graphdef, mb, denominator, hp)
     return jax.tree.map(lambda acc, x: acc * scale + x, grads, g), loss, sums, maxes
 
+  def dw_sum(teacher_params, mb: MicroBatch):
+    """Σ exp(−βH) over a teacher micro-batch's SDPO-routed tokens (H: the teacher's entropy, the same head tiles as
+    `accumulate`'s): the DW normaliser's sum when it cannot be deferred (an entropy bonus; module docstring)."""
+    teacher = nnx.merge(graphdef, teacher_params)
+    b, resp_len = mb.resp.shape
+    ht = response_hidden(teacher, mb.t_ids, mb.t_mask, mb.t_start, resp_len)[0]
+    t_entropy = fh.head_entropy(_flat(ht), teacher.head_weight(), temperature=hp.temperature,
+                                tile_size=hp.tile_size).reshape(b, resp_len)
+    check_dw_beta(hp.algo.dw_beta, teacher.head_weight().shape[1])
+    return jnp.sum(jnp.where(mb.resp & mb.sdpo[:, None], jnp.exp(-hp.algo.dw_beta * t_entropy), 0.0))
+
   def apply(params, opt_state, grads, loss, scale):
     """One clipped AdamW step from the accumulated gradients (times `scale`). A step whose loss, gradient norm, new
     parameters or new optimizer state is not finite leaves params and optimizer state unchanged (`finite` says)."""
@@ -346,7 +381,7 @@ def make_train_fns(graphdef, optimizer, hp: LossHParams, shardings: Optional[Tra
     return TrainFns(prepare=jax.jit(prepare),
                     accumulate=jax.jit(accumulate, donate_argnums=(2,) if donate else ()),
                     apply=jax.jit(apply, donate_argnums=(0, 1, 2) if donate else ()),
-                    ema=jax.jit(ema, donate_argnums=(0,) if donate else ()))
+                    ema=jax.jit(ema, donate_argnums=(0,) if donate else ()), dw_sum=jax.jit(dw_sum))
   sh = shardings
   rep = sh.replicated
 
@@ -362,9 +397,13 @@ def make_train_fns(graphdef, optimizer, hp: LossHParams, shardings: Optional[Tra
   def ema_shardings(teacher, params, rate):
     return (sh.params, sh.params, rep), sh.params
 
+  def dw_sum_shardings(teacher, mb):
+    return (sh.params, sh.rows(mb)), rep
+
   return TrainFns(prepare=_JitPerStructure(prepare, prepare_shardings, mesh=sh.mesh),
                   accumulate=_JitPerStructure(accumulate, accumulate_shardings, mesh=sh.mesh,
                                               donate_argnums=(2,) if donate else ()),
                   apply=_JitPerStructure(apply, apply_shardings, donate_argnums=(0, 1, 2) if donate else (),
                                         mesh=sh.mesh),
-                  ema=_JitPerStructure(ema, ema_shardings, mesh=sh.mesh, donate_argnums=(0,) if donate else ()))
+                  ema=_JitPerStructure(ema, ema_shardings, mesh=sh.mesh, donate_argnums=(0,) if donate else ()),
+                  dw_sum=_JitPerStructure(dw_sum, dw_sum_shardings, mesh=sh.mesh))

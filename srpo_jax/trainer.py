@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from srpo_jax import batching, distributed, metrics as M, methods, paths
+from srpo_jax import balance, batching, distributed, metrics as M, methods, paths
 from srpo_jax.algorithms import advantages as adv_lib
 from srpo_jax.algorithms import losses, routing
 from srpo_jax.algorithms.teacher import build_teacher_prompt_ids
@@ -41,7 +41,7 @@ from srpo_jax.models import hf_io
 from srpo_jax.models.qwen3 import Qwen3, Qwen3Config, init_model
 from srpo_jax.rollout.engine import RolloutEngine, RolloutInterrupted, SamplingParams
 from srpo_jax.task import Task, load_task
-from srpo_jax.train_step import (LossHParams, TrainFns, TrainShardings, UpdateStats, make_optimizer,
+from srpo_jax.train_step import (Denominators, LossHParams, TrainFns, TrainShardings, UpdateStats, make_optimizer,
                                  make_train_fns)
 from srpo_jax.warmstart import warmstart
 
@@ -171,15 +171,20 @@ class Clocks:
 # ---------------------------------------------------------------------------------------------------------------------
 # Parts the trainer wires (each replaceable by injection)
 # ---------------------------------------------------------------------------------------------------------------------
+def place_on_mesh(model: Qwen3, mesh) -> Qwen3:
+  """`model` with every parameter on `mesh`, sharded by the logical-axis rules (in place; no-op without a mesh). In a
+  multi-process run every process must pass the same values (a random init of the same seed, the same warm-start)."""
+  if mesh is not None:
+    from srpo_jax import sharding
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh)))
+  return model
+
+
 def build_model(cfg: Config, mesh=None) -> Qwen3:
   m = cfg.model
   if m.random_init:
-    model = init_model(Qwen3Config.preset(m.random_init, **m.qwen3_overrides), seed=cfg.seed)
-    if mesh is not None:
-      from srpo_jax import sharding
-      state = nnx.state(model)
-      nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh)))
-    return model
+    return place_on_mesh(init_model(Qwen3Config.preset(m.random_init, **m.qwen3_overrides), seed=cfg.seed), mesh)
   return hf_io.load_pretrained(m.path, mesh=mesh, **m.qwen3_overrides)
 
 
@@ -190,12 +195,7 @@ def initial_model(cfg: Config, tokenizer, mesh=None) -> Qwen3:
   if not cfg.train.warmstart_steps:
     return build_model(cfg, mesh)
   cache = str(paths.cache_root() / "warmstart") if distributed.is_main() else None
-  model = warmstart(build_model(cfg), cfg, tokenizer, cache)
-  if mesh is not None:
-    from srpo_jax import sharding
-    state = nnx.state(model)
-    nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh)))
-  return model
+  return place_on_mesh(warmstart(build_model(cfg), cfg, tokenizer, cache), mesh)
 
 
 def eos_ids(tokenizer) -> tuple[int, ...]:
@@ -386,6 +386,16 @@ def row_groups(rows: np.ndarray, lengths: np.ndarray, cfg: Config, row_multiple:
   return [list(map(int, g)) for g in np.asarray(rows).reshape(-1, cfg.micro_batch_size)]
 
 
+def mini_batch_rows(batch: StepBatch, cfg: Config) -> list[np.ndarray]:
+  """The rollouts of each optimizer step: whole prompt groups in sampling order, or with optim.balance_batch the
+  mini-batches verl's balance_batch leaves (`srpo_jax.balance`; lengths = prompt + response tokens, as verl's
+  attention mask). Routing and advantages were computed before, on whole groups."""
+  num, per = len(batch.mask), cfg.rollouts_per_mini_batch
+  if cfg.optim.balance_batch:
+    return balance.mini_batches(batch.mask.sum(axis=1), cfg.optim.balance_batch_ranks, per)
+  return [np.arange(m * per, (m + 1) * per) for m in range(num // per)]
+
+
 def update_groups(rows: np.ndarray, batch: StepBatch, sc: Scored, teacher_prompts: dict[int, list[int]],
                   responses: Sequence[np.ndarray], cfg: Config, row_multiple: int) -> list[list[int]]:
   """The route-pure micro-batches of a mini-batch's `rows`, SDPO-routed ones first (`batching.route_groups`); under a
@@ -421,7 +431,30 @@ def prepare(fns: TrainFns, params, batch: StepBatch, groups: Sequence[Sequence[i
 def dw_scale(parts: Sequence[tuple[Any, Any]]) -> jax.Array:
   """The deferred DW normaliser |Ω| / Σ_Ω exp(−βH) from the teacher micro-batches' sums (train_step docstring)."""
   tokens = sum(p[0].sdpo_tokens for p in parts)
-  return jnp.float32(tokens) / jnp.maximum(sum(p[0].dw_unnorm for p in parts), jnp.finfo(jnp.float32).tiny)
+  return dw_normaliser(tokens, sum(p[0].dw_unnorm for p in parts))
+
+
+def dw_normaliser(tokens, unnorm_sum) -> jax.Array:
+  """|Ω| / Σ_Ω exp(−βH), the DW weights' normaliser (mean weight 1 over Ω)."""
+  return jnp.float32(tokens) / jnp.maximum(unnorm_sum, jnp.finfo(jnp.float32).tiny)
+
+
+def denominators(fns: TrainFns, teacher, rows: np.ndarray, batch: StepBatch, sc: Scored,
+                 micro_batches: Sequence[batching.MicroBatch], cfg: Config):
+  """What the mini-batch of `rows` divides by: the objective's denominator, and with an entropy bonus also the
+  bonus's own (`losses.entropy_bonus`) and, for a DW method, the DW normaliser computed up front (`fns.dw_sum`):
+  deferring it would scale the teacher micro-batches' entropy bonus too (train_step docstring)."""
+  resp = jnp.asarray(batch.resp[rows])
+  den = losses.objective_denominator(resp, jnp.asarray(sc.grpo[rows]), jnp.asarray(sc.sdpo[rows]),
+                                     loss_agg=cfg.loss_agg)
+  if not cfg.algo.entropy_coef:
+    return den
+  dw_norm, teacher_mbs = None, [mb for mb in micro_batches if mb.has_teacher]
+  if cfg.method.dynamic_weighting and teacher_mbs:
+    tokens = int(np.sum(batch.resp[rows] & sc.sdpo[rows, None]))
+    dw_norm = dw_normaliser(tokens, sum(fns.dw_sum(teacher, mb) for mb in teacher_mbs))
+  return Denominators(objective=den, entropy=losses.entropy_bonus(jnp.zeros(resp.shape), resp,
+                                                                  loss_agg=cfg.loss_agg)[1], dw_norm=dw_norm)
 
 
 def run_updates(fns: TrainFns, state: TrainState, batch: StepBatch, old_logp: Optional[np.ndarray], sc: Scored,
@@ -429,7 +462,7 @@ def run_updates(fns: TrainFns, state: TrainState, batch: StepBatch, old_logp: Op
                 row_multiple: int = 1) -> tuple[Any, Any, list[UpdateStats], float]:
   """One optimizer step per mini-batch, each over its route-pure micro-batches (`update_groups`); the denominator
   spans the mini-batch, and with DW the teacher micro-batches' gradient is scaled by the mini-batch's DW normaliser
-  before the plain ones are added.
+  before the plain ones are added (with an entropy bonus the normaliser is computed up front instead: `denominators`).
 
   Micro-batches: `optim.micro_batch_size` rollouts at the step's full length (a route's last one cut to
   `batching.row_bucket` rows), or, with `optim.micro_batch_tokens`, length-sorted groups under that per-device token
@@ -441,22 +474,24 @@ def run_updates(fns: TrainFns, state: TrainState, batch: StepBatch, old_logp: Op
   params, opt_state, outs, fed = state.params, state.opt_state, [], []
   arrays = batching.StepArrays(ids=batch.ids, mask=batch.mask, start=batch.start, resp=batch.resp,
                                roll_logp=batch.roll_logp, adv=sc.adv, grpo=sc.grpo, sdpo=sc.sdpo, old_logp=old_logp)
-  per_mb, one = cfg.rollouts_per_mini_batch, jnp.float32(1.0)
-  for m in range(cfg.optimizer_steps_per_step):
-    rows = np.arange(m * per_mb, (m + 1) * per_mb)
-    den = losses.objective_denominator(jnp.asarray(batch.resp[rows]), jnp.asarray(sc.grpo[rows]),
-                                       jnp.asarray(sc.sdpo[rows]), loss_agg=cfg.loss_agg)
+  one = jnp.float32(1.0)
+  for rows in mini_batch_rows(batch, cfg):
+    groups = update_groups(rows, batch, sc, teacher_prompts, responses, cfg, row_multiple)
+    shape = lambda g: {} if cfg.optim.micro_batch_tokens is not None else dict(
+        num_rows=batching.row_bucket(len(g), cfg.micro_batch_size, row_multiple), seq_len=batch.ids.shape[1],
+        resp_len=batch.resp.shape[1])
+    mbs = [batching.micro_batch(g, arrays, teacher_prompts, responses, pad, row_multiple=row_multiple, **shape(g))
+           for g in groups]
+    den = denominators(fns, state.teacher, rows, batch, sc, mbs, cfg)
     grads, loss = jax.tree.map(jnp.zeros_like, params), jnp.float32(0.0)
-    parts, teacher_parts, pending, dw_used = [], [], method.dynamic_weighting, one
-    for g in update_groups(rows, batch, sc, teacher_prompts, responses, cfg, row_multiple):
+    up_front = isinstance(den, Denominators) and den.dw_norm is not None
+    parts, teacher_parts = [], []
+    pending, dw_used = method.dynamic_weighting and not up_front, den.dw_norm if up_front else one
+    for mb in mbs:
       scale = one
-      if pending and teacher_parts and not sc.sdpo[g[0]]:  # the first plain micro-batch: normalise the DW part first
+      if pending and teacher_parts and not mb.has_teacher:  # the first plain micro-batch: normalise the DW part first
         dw_used = scale = dw_scale(teacher_parts)
         loss, pending = loss * scale, False
-      shape = {} if cfg.optim.micro_batch_tokens is not None else dict(
-          num_rows=batching.row_bucket(len(g), cfg.micro_batch_size, row_multiple), seq_len=batch.ids.shape[1],
-          resp_len=batch.resp.shape[1])
-      mb = batching.micro_batch(g, arrays, teacher_prompts, responses, pad, row_multiple=row_multiple, **shape)
       grads, mb_loss, sums, maxes = fns.accumulate(params, state.teacher, grads, scale, mb, den)
       loss = loss + mb_loss
       parts.append((sums, maxes))
@@ -575,6 +610,8 @@ class Trainer:
                             "--config.resume=true to continue that run, or choose a new run_dir")
     if model is None:  # a resumed run restores its weights: no warm-start needed
       model = build_model(cfg, mesh) if latest is not None else initial_model(cfg, self.tokenizer, mesh)
+    else:  # an injected model goes where the programs expect its parameters (each jit declares their shardings)
+      model = place_on_mesh(model, mesh)
     self.graphdef, params = nnx.split(model)
     self.optimizer, self.schedule = make_optimizer(
         cfg.lr, warmup_steps=cfg.optim.warmup_steps, weight_decay=cfg.optim.weight_decay, b1=cfg.optim.b1,

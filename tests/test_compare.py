@@ -76,6 +76,7 @@ def test_comparison_table_and_figure_from_run_directories(fake_runs):
   jsd = [j * 2 * 4 / 9 for _, _, j in FAKE["srpo"]]
   assert f"{sum(jsd) / 3:.3g} ± " in srpo_row and grpo_row.split()[11] == "-"  # grpo: no SDPO steps
   assert "srpo/seed2" in text  # the per-run rows follow
+  assert compare.CLOCKS_NOTE in text  # which clock each time-budget column reads
 
   png = os.path.join(root, compare.COMPARISON_PNG)
   with open(png, "rb") as f:
@@ -106,6 +107,6 @@ def test_one_seed_writes_the_six_panel_figure(tmp_path):
   for m, by_seed in runs.items():
     _fake_run(by_seed[0], m, 0, *FAKE[m][0])
   text = compare.write_comparison(root, runs)
-  rows = text.split("runs:")[0].splitlines()[2:]
+  rows = text.split("runs (")[0].splitlines()[2:]
   assert text.startswith("1 seed(s)") and rows and not any(" ± " in r for r in rows)
   assert os.path.exists(os.path.join(root, compare.COMPARISON_PNG))

@@ -266,8 +266,20 @@ def test_paper_configs_follow_the_paper():
       0.9, 0.999, 0.01, 1.0, 10)
   assert (cfg.eval.every_steps, cfg.eval.n_samples, cfg.eval.temperature, cfg.eval.top_p) == (5, 16, 0.6, 0.95)
   assert cfg.data.max_prompt_tokens == 2048 and cfg.train.time_budgets_h == (1.0, 5.0, 10.0)
-  # No step-0 evaluation (the official val_before_train: False); the tiny demo keeps its baseline.
-  assert cfg.eval.at_start is False and C.validate(_tiny(), check_files=False).eval.at_start is True
+  # Step-0 evaluation as the official configs' val_before_train: GRPO's True, SDPO's and SRPO's False; the tiny
+  # demo keeps its baseline. verl's balance_batch (on in every official run) shapes GRPO's 4 mini-batches.
+  others = {}
+  for algo in ("sdpo", "srpo"):
+    other = _load("qwen3_8b", algo)
+    other.model.path, other.model.random_init = None, "8b"
+    others[algo] = C.validate(other, check_files=False)
+  assert cfg.eval.at_start is True and not any(o.eval.at_start for o in others.values())
+  assert C.validate(_tiny(), check_files=False).eval.at_start is True
+  assert cfg.optim.balance_batch and all(o.optim.balance_batch for o in others.values())
+  assert cfg.optim.balance_batch_ranks == 8 and cfg.optimizer_steps_per_step == 4
+  assert not C.validate(_tiny(), check_files=False).optim.balance_batch
+  assert "optim.balance_batch_ranks=3: must divide the rollouts per mini-batch" in _err(
+      _tiny(**{"optim.balance_batch": True, "optim.balance_batch_ranks": 3}))
   assert cfg.algo.teacher_max_tokens == 10240  # official max_reprompt_len: the teacher prompt alone
   assert cfg.mesh.axis_sizes(8) == {"data": 1, "fsdp": 8, "tensor": 1}
   assert _load("qwen3_0_6b").mesh.fsdp == 1

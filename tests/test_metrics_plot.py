@@ -59,10 +59,18 @@ def test_disabled_writer_writes_nothing(tmp_path):
 
 
 def test_summary_best_within_budgets_and_table(tmp_path):
-  recs = [{"step": 5, "time_s": 1800.0, M.EVAL_ACCURACY: 0.4}, {"step": 10, "time_s": 3000.0, M.EVAL_ACCURACY: 0.3},
-          {"step": 15, "time_s": 4000.0, M.EVAL_ACCURACY: 0.7}, {"step": 16, "time_s": 4100.0}]
+  """Both clocks: the wall clock counts evaluation time (the paper's reading), the training clock does not; the
+  step-10 accuracy 0.6 came in at 3,000 s of training but 3,700 s of wall clock."""
+  wall = M.TIME_WALL_S
+  recs = [{"step": 5, "time_s": 1800.0, wall: 2100.0, M.EVAL_ACCURACY: 0.4},
+          {"step": 10, "time_s": 3000.0, wall: 3700.0, M.EVAL_ACCURACY: 0.6},
+          {"step": 15, "time_s": 4000.0, wall: 5000.0, M.EVAL_ACCURACY: 0.7}, {"step": 16, "time_s": 4100.0}]
   best = M.best_within_budgets(recs, (0.25, 1, 5))
-  assert best == {"eval/accuracy_best@0.25h": None, "eval/accuracy_best@1h": 0.4, "eval/accuracy_best@5h": 0.7}
+  assert best == {"best_at_0.25h_wall": None, "best_at_0.25h_train": None, "best_at_1h_wall": 0.4,
+                  "best_at_1h_train": 0.6, "best_at_5h_wall": 0.7, "best_at_5h_train": 0.7}
+  assert M.budget_key(10.0, "wall") == "best_at_10h_wall"
+  with pytest.raises(ValueError, match="clock"):
+    M.budget_key(1, "cpu")
   path = M.write_summary(str(tmp_path / "a"), {"algo": "srpo", **best, "loss": float("nan")})
   assert json.load(open(path))["loss"] == "nan"
   s = M.read_summary(str(tmp_path / "a"))
@@ -102,6 +110,7 @@ def _fake_run(root, name, algo, with_routing):
                   M.TEACHER_ENTROPY_MEAN: 1.0 / s})
       if s % 5 == 0:
         m[M.EVAL_ACCURACY] = s / 20
+      m[M.TIME_WALL_S] = 70.0 * s  # evaluation and checkpoints on top of the training clock
       w.write(s, m, time_s=60.0 * s)
   M.write_summary(run, {"algo": algo})
   return run
@@ -116,8 +125,12 @@ def test_plot_two_runs_png_with_six_axes_and_no_data_panels(tmp_path):
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   axes = fig.get_axes()
   assert len(axes) == plot.NUM_PANELS == 6
-  acc_ax, _, route_ax, entropy_ax = axes[:4]
+  acc_ax, time_ax, route_ax, entropy_ax = axes[:4]
   assert [line.get_label() for line in acc_ax.get_lines()] == ["run_a (srpo)", "grpo_b"]
+  # Accuracy against both clocks, each line saying which: the wall clock solid, the training clock dashed.
+  assert [(line.get_label(), line.get_linestyle()) for line in time_ax.get_lines()] == [
+      ("run_a (srpo) (wall)", "-"), ("grpo_b (wall)", "-"), ("run_a (srpo) (train)", "--"), ("grpo_b (train)", "--")]
+  assert list(time_ax.get_lines()[0].get_xdata()) == [70.0 * 5 / 60, 70.0 * 10 / 60]  # minutes
   assert len(route_ax.get_lines()) == 3  # only run_a logged routing: GRPO, SDPO, fallback
   assert len(entropy_ax.get_lines()) == 1
   # A run directory with none of the keys: every panel says "no data" instead of raising.

@@ -130,3 +130,22 @@ def test_token_budget_micro_batches_train_end_to_end(tmp_path, tokenizer):
   (rec,) = [r for r in _records(tmp_path) if r["step"] == 1]
   assert math.isfinite(rec[M.LOSS]) and rec[M.OPTIM_GRAD_NORM] > 0
   assert 0.0 <= rec[M.BATCH_PADDING_FRAC] < 1.0
+
+
+def test_an_injected_model_is_placed_on_the_mesh(tmp_path, tokenizer):
+  """Trainer(model=..., mesh=...): the injected model's parameters go on the mesh by the logical-axis rules, where
+  every jitted program declares them (a process-local model would not fit a multi-process mesh's programs)."""
+  from jax.sharding import NamedSharding
+  from srpo_jax import sharding
+  from srpo_jax.models.qwen3 import Qwen3Config, init_model
+  cfg = fast_config(tmp_path, **{"train.steps": 0})
+  mesh = sharding.make_mesh(1, 1, 1)
+  model = init_model(Qwen3Config.preset("tiny"), seed=3)
+  tr = trainer_lib.Trainer(cfg, tokenizer=tokenizer, mesh=mesh, task=coin_task(cfg, tokenizer), model=model)
+  try:
+    want = sharding.state_shardings(tr.params, mesh)
+    got = jax.tree.map(lambda x: x.sharding, tr.params)
+    assert all(isinstance(s, NamedSharding) and s.mesh == mesh for s in jax.tree.leaves(got))
+    assert jax.tree.leaves(got) == jax.tree.leaves(want)
+  finally:
+    tr.close()

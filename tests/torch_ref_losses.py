@@ -101,8 +101,23 @@ def dw_weights(teacher_entropy: torch.Tensor, mask: torch.Tensor, beta: float = 
   return torch.where(on, w / w[on].mean(), torch.zeros_like(w)).detach()
 
 
-def objective(grpo_BT, sdpo_BT, dw_BT, valid_BT, grpo_B, sdpo_B, method, loss_agg, mix_lambda=0.9):
-  """The spec's objective, loops over rollouts; returns the scalar loss."""
+def objective(grpo_BT, sdpo_BT, dw_BT, valid_BT, grpo_B, sdpo_B, method, loss_agg, mix_lambda=0.9,
+              entropy_BT=None, entropy_coef=0.0):
+  """The spec's objective, loops over rollouts; returns the scalar loss. With `entropy_coef`, minus the entropy
+  bonus as verl's actor takes it: `agg_loss(entropy, response_mask, loss_agg_mode)`, every valid token of every
+  rollout whatever its route, never DW-weighted."""
+  bonus = 0.0
+  if entropy_coef:
+    rows = [entropy_BT[i][valid_BT[i].bool()] for i in range(valid_BT.shape[0])]
+    if loss_agg == "token-mean":
+      bonus = torch.cat(rows).sum() / max(sum(len(r) for r in rows), 1)
+    else:
+      bonus = torch.stack([r.mean() for r in rows if len(r)]).mean()
+  return _policy_objective(grpo_BT, sdpo_BT, dw_BT, valid_BT, grpo_B, sdpo_B, method, loss_agg,
+                           mix_lambda) - entropy_coef * bonus
+
+
+def _policy_objective(grpo_BT, sdpo_BT, dw_BT, valid_BT, grpo_B, sdpo_B, method, loss_agg, mix_lambda):
   per_seq = []
   total, denom = 0.0, 0.0
   for i in range(valid_BT.shape[0]):

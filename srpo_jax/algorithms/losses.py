@@ -263,13 +263,32 @@ def routed_objective(grpo_loss_BT: Optional[jax.Array], sdpo_loss_BT: Optional[j
   token_loss = routed_token_loss(grpo_loss_BT, sdpo_loss_BT, dw_BT, grpo_route_B, sdpo_route_B, method=method,
                                  mix_lambda=mix_lambda)
   chex.assert_equal_shape([token_loss, token_mask_BT])
+  return aggregate(token_loss, token_mask_BT, loss_agg=loss_agg,
+                   rows_B=grpo_route_B.astype(bool) | sdpo_route_B.astype(bool))
+
+
+def aggregate(token_BT: jax.Array, token_mask_BT: jax.Array, *, loss_agg: str,
+              rows_B: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+  """verl's `agg_loss` of a per-token quantity as (numerator, denominator), additive over rollouts.
+
+  `token-mean`: (Σ valid·x, valid tokens of the rollouts in `rows_B`, all when None); `seq-mean-token-mean`:
+  (Σ_i mean_t x_i, rollouts with at least one valid token). The entropy bonus takes it over every valid token of
+  the (mini-)batch (`entropy_bonus`); `routed_objective` over the routed rollouts.
+  """
   valid = token_mask_BT.astype(bool)
-  summed_B = jnp.sum(jnp.where(valid, token_loss, 0.0), axis=1)
+  summed_B = jnp.sum(jnp.where(valid, token_BT, 0.0), axis=1)
   length_B = jnp.sum(valid.astype(jnp.float32), axis=1)
   if loss_agg == "token-mean":
-    routed_B = grpo_route_B.astype(bool) | sdpo_route_B.astype(bool)
-    return jnp.sum(summed_B), jnp.sum(jnp.where(routed_B, length_B, 0.0))
+    counted_B = length_B if rows_B is None else jnp.where(rows_B, length_B, 0.0)
+    return jnp.sum(summed_B), jnp.sum(counted_B)
   return jnp.sum(summed_B / jnp.maximum(length_B, 1.0)), jnp.sum((length_B > 0).astype(jnp.float32))
+
+
+def entropy_bonus(entropy_BT: jax.Array, token_mask_BT: jax.Array, *, loss_agg: str) -> tuple[jax.Array, jax.Array]:
+  """(numerator, denominator) of the entropy bonus: the student entropy aggregated as verl's actor does,
+  `agg_loss(entropy, response_mask, loss_agg_mode)` over every valid response token whatever its route; the loss is
+  `num / den − entropy_coef · bonus_num / bonus_den` (never weighted by DW: it is not an SDPO token loss)."""
+  return aggregate(entropy_BT, token_mask_BT, loss_agg=loss_agg)
 
 
 def objective_denominator(token_mask_BT: jax.Array, grpo_route_B: jax.Array, sdpo_route_B: jax.Array, *,
