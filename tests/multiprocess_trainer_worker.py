@@ -9,8 +9,11 @@ all, checkpointing every step, evaluating after the last. Each process prints `W
 opens a file for writing, creates, renames or removes one under RUN_DIR outside the checkpoint directory (Python
 audit events), so the test can check that only process 0 writes run files even of a process it kills. Set the
 device count with XLA_FLAGS before starting. Errors end the process as in `srpo_jax.main`
-(`distributed.exit_on_failure`).
+(`distributed.exit_on_failure`). The model is the tiny preset sharpened (tests/sharp_model.py), injected, so that
+the DW weights and the SDPO term are material. SRPO_TEST_BREAK=kind[,kind...] (single process): one run per kind
+in RUN_DIR/<kind>, with DW or the SDPO term broken (`sharp_model.broken`), the negative cases.
 """
+import contextlib
 import os
 import sys
 import time
@@ -61,23 +64,30 @@ def main():
       write_integrity(step_dir, step)
     checkpointing._write_integrity = held
   from srpo_jax.tokenizer import load_tokenizer
-  from srpo_jax.trainer import Trainer
+  from srpo_jax.trainer import Trainer, build_model
   from tests.e2e_utils import coin_task, fast_config
+  from tests.sharp_model import SHARPEN_TINY, broken, sharpen
 
   devices = num_processes * int(os.environ["XLA_FLAGS"].rsplit("=", 1)[1])  # --xla_force_host_platform_device_count
   mesh_layout = {"mesh.data": 2, "mesh.fsdp": 4} if devices == 8 else {"mesh.data": -1, "mesh.fsdp": 1}
   # top-k 16: sampling from the whole 152k vocabulary of a random model is so flat that the last-ulp differences
   # between layouts flip sampled tokens (BUILD_NOTES: "Multi-process runs"); 16 candidates are far apart.
-  cfg = fast_config(run_dir, **{
+  config = lambda d: fast_config(d, **{
       "train.steps": steps, "resume": resume, "rollout.prompts_per_step": 4, "optim.mini_batch_prompts": 2,
       "optim.micro_batch_size": 8, "eval.at_start": False, "eval.max_questions": 4, "checkpoint.keep": 10,
       "rollout.top_k": 16, "eval.top_k": 16, "mesh.num_processes": num_processes, "mesh.process_id": process_id,
       "mesh.coordinator": coordinator, **mesh_layout})
+  cfg = config(run_dir)
   mesh = run.build_mesh(cfg)
   tokenizer = load_tokenizer(cfg.tokenizer.path)
+  kinds = [k for k in os.environ.get("SRPO_TEST_BREAK", "").split(",") if k]
   with distributed.exit_on_failure(lambda: checkpoint_note(cfg.checkpoint_dir)):
-    trainer = Trainer(cfg, tokenizer=tokenizer, mesh=mesh, task=coin_task(cfg, tokenizer))
-    trainer.run()
+    for kind in kinds or [None]:
+      run_cfg = config(os.path.join(run_dir, kind)) if kind else cfg
+      with broken(kind) if kind else contextlib.nullcontext():
+        trainer = Trainer(run_cfg, tokenizer=tokenizer, mesh=mesh, task=coin_task(run_cfg, tokenizer),
+                          model=sharpen(build_model(run_cfg), SHARPEN_TINY))
+        trainer.run()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Run with 8 forced CPU devices (tests/test_sharded_step.py): one SRPO update (the trainer's `run_updates`: route-pure
 micro-batches, deferred DW) on 1 device and on several meshes, printing one JSON line with the losses, the relative
-parameter difference per mesh and the compiled `accumulate`'s input sharding of a teacher micro-batch."""
+parameter difference per mesh and the compiled `accumulate`'s input sharding of a teacher micro-batch; and, on 1
+device, how far the update moves when the DW normaliser or the SDPO term is broken (what the comparison must see).
+The models are sharpened (tests/sharp_model.py) so that the SDPO term and the DW weights are material."""
 import json
 import os
 import sys
@@ -23,6 +25,8 @@ from srpo_jax.models.qwen3 import Qwen3Config, init_model  # noqa: E402
 import optax  # noqa: E402
 
 from srpo_jax.train_step import LossHParams, TrainShardings, make_train_fns  # noqa: E402
+from srpo_jax import metrics as M  # noqa: E402
+from tests.sharp_model import broken, sharpen  # noqa: E402
 
 V, PAD, B = 384, 0, 16
 
@@ -41,10 +45,24 @@ def step(rng):
   return batch, sc, teacher_prompts, [np.asarray(r, np.int32) for r in responses]
 
 
+def broken_updates(fns, state, batch, sc, tps, responses, run_cfg, params0, ref):
+  """The 1-device update with the DW normaliser left out and with the SDPO term dropped (tests/sharp_model.py
+  `broken`): {case: {loss, relative update diff}}."""
+  out = {}
+  for kind in ("dw_unnormalised", "sdpo_term_dropped"):
+    with broken(kind):
+      new_params, _, stats, _ = T.run_updates(fns, state, batch, None, sc, tps, responses, run_cfg, PAD, 1)
+    delta = np.concatenate([(np.asarray(a) - np.asarray(b)).ravel() for a, b in
+                            zip(jax.tree.leaves(new_params), jax.tree.leaves(params0))])
+    out[kind] = {"loss": float(stats[0].loss),
+                 "rel_update_diff": float(np.linalg.norm(delta - ref[1]) / np.linalg.norm(ref[1]))}
+  return out
+
+
 def main():
   cfg = Qwen3Config.preset("tiny", vocab_size=V, hidden_size=32, intermediate_size=64, head_dim=8)
-  graphdef, params0 = nnx.split(init_model(cfg, seed=1))
-  teacher0 = nnx.split(init_model(cfg, seed=7))[1]
+  graphdef, params0 = nnx.split(sharpen(init_model(cfg, seed=1)))
+  teacher0 = nnx.split(sharpen(init_model(cfg, seed=7)))[1]
   # SGD with lr 1: the parameter change is the accumulated gradient itself, which is what sharding must preserve
   # (Adam's g / (|g| + eps) would turn fp32 summation-order noise in tiny gradients into visible differences).
   opt = optax.sgd(1.0)
@@ -72,6 +90,9 @@ def main():
     if shape is None:
       ref = (float(stats[0].loss), delta)
       out["ref_loss"] = ref[0]
+      m = T.update_metrics(jax.device_get(stats))
+      out["dw_spread"] = m[M.DW_MAX] / m[M.DW_MIN]
+      out["broken"] = broken_updates(fns, state, batch, sc, tps, responses, run_cfg, params0, ref)
       continue
     rel = float(np.linalg.norm(delta - ref[1]) / np.linalg.norm(ref[1]))
     arrays = batching.StepArrays(ids=batch.ids, mask=batch.mask, start=batch.start, resp=batch.resp,

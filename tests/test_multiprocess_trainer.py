@@ -7,6 +7,9 @@ One two-process run (3 steps configured) is killed: once it has checkpointed ste
 - Process 0 then exits with status 5 (distributed.PEER_LOST_EXIT) naming process 1 within KILL_BOUND_S, and the
   newest checkpoint stays intact.
 - That checkpoint of two processes resumes on 1 × 8 and on 1 × 1, and step 3 equals the uninterrupted 1 × 8 run.
+- The model is sharpened (tests/sharp_model.py) so that these comparisons can see DW and the SDPO term: its DW
+  weights spread over > 10% and its SDPO term is > 1% of the loss, and a 1 × 1 run with DW normalisation or the
+  SDPO term broken fails the same comparison (the negative cases).
 
 Tolerance: 1e-5 relative (fp32; measured ~1e-7 on parameters), with an absolute floor of 1e-6 for metrics that are
 near-zero differences of log-probs (approx-KL ~2e-4). Only `batch/padding_frac` depends on the layout (rows are
@@ -45,9 +48,9 @@ def start_two(run_dir, steps: int) -> list:
           for i in range(2)]
 
 
-def run_one(run_dir, steps: int, devices: int, resume: bool = False) -> str:
-  proc = subprocess.run([*WORKER, str(run_dir), str(steps), "1" if resume else "0"], cwd=REPO, env=_env(devices),
-                        capture_output=True, text=True, timeout=600)
+def run_one(run_dir, steps: int, devices: int, resume: bool = False, env=None) -> str:
+  proc = subprocess.run([*WORKER, str(run_dir), str(steps), "1" if resume else "0"], cwd=REPO,
+                        env={**_env(devices), **(env or {})}, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
   return proc.stdout
 
@@ -118,7 +121,11 @@ def runs(tmp_path_factory):
   for name, devices in (("resume8", 8), ("resume1", 1)):
     shutil.copytree(root / "two", root / name)
     run_one(root / name, 3, devices=devices, resume=True)  # step 3 from the two processes' checkpoint 2
+  run_one(root / "broken", 1, devices=1, env={"SRPO_TEST_BREAK": ",".join(BREAKS)})  # one process, a run per kind
   return root, killed
+
+
+BREAKS = ("dw_unnormalised", "sdpo_term_dropped")
 
 
 def test_two_processes_equal_one_process_with_eight_devices(runs):
@@ -129,6 +136,22 @@ def test_two_processes_equal_one_process_with_eight_devices(runs):
   assert_same_metrics(two, ref, [1, 2])
   for step in (1, 2):
     assert_same_state(root / "two", root / "ref", step)
+
+
+def test_the_comparison_sees_dw_and_the_sdpo_term(runs):
+  """Negative cases: step 1 with DW normalisation or the SDPO term broken (tests/sharp_model.py `broken`) fails the
+  comparison that the layouts pass; the DW weights spread over > 10% and the SDPO term is > 1% of the loss."""
+  from tests.sharp_model import share
+  root, _ = runs
+  ref = metrics(root / "ref")
+  assert ref[1]["dw/max"] / ref[1]["dw/min"] > 1.1 and ref[1]["route/frac_sdpo"] > 0
+  for kind in BREAKS:
+    with pytest.raises(AssertionError):
+      assert_same_state(root / "broken" / kind, root / "ref", 1)
+    with pytest.raises(AssertionError):
+      assert_same_metrics(metrics(root / "broken" / kind), ref, [1])
+  dropped = metrics(root / "broken" / "sdpo_term_dropped")[1]["loss/total"]
+  assert share(ref[1]["loss/total"] - dropped, dropped) > 0.01
 
 
 def test_only_process_zero_writes_run_files(runs):

@@ -23,7 +23,7 @@ from srpo_jax.kernels import fused_head as fh
 from srpo_jax.models.qwen3 import Qwen3Config, init_model
 from srpo_jax.train_step import LossHParams, make_train_fns, response_hidden, student_logp
 from tests import torch_ref_losses as ref
-from tests.sharp_model import dw_spread, share, sharpen
+from tests.sharp_model import broken, dw_spread, share, sharpen
 
 V, PAD, N = 384, 0, 8
 TILE = 64  # ≥ every test's token count: one head tile, so XLA's cost analysis (a loop body once) counts it all
@@ -243,22 +243,13 @@ def test_update_equals_the_single_pass_objective_for_every_method(method):
     _check_updates(method, [(True, [{}, dict(micro_batch_size=2)])], entropy_coef=ENTROPY_COEF, torch_check=True)
 
 
-def _without_teacher(real):
-  return lambda *a, **kw: real(*a, **{**kw, "with_teacher": False})
-
-
-@pytest.mark.parametrize("method,broken", [("srpo", "dw_normalised_per_micro_batch"), ("srpo", "sdpo_term_dropped"),
-                                           ("sdpo", "sdpo_term_dropped")])
-def test_the_comparison_fails_when_dw_or_the_sdpo_term_is_broken(method, broken, monkeypatch):
-  """Negative cases: the same comparison with the DW normaliser taken over the last teacher micro-batch instead of
-  the mini-batch, or with the SDPO term dropped (no teacher sequences: the SDPO-routed rollouts carry zero loss but
-  still count in the denominator) fails; on a flat random-init model neither would."""
-  if broken == "dw_normalised_per_micro_batch":
-    real = T.dw_scale
-    monkeypatch.setattr(T, "dw_scale", lambda parts: real(parts[-1:]))
-  else:
-    monkeypatch.setattr(batching, "micro_batch", _without_teacher(batching.micro_batch))
-  with pytest.raises(AssertionError, match="micro_batch_size"):  # the update's loss or gradient, not a precondition
+@pytest.mark.parametrize("method,kind", [("srpo", "dw_per_micro_batch"), ("srpo", "sdpo_term_dropped"),
+                                         ("sdpo", "sdpo_term_dropped")])
+def test_the_comparison_fails_when_dw_or_the_sdpo_term_is_broken(method, kind):
+  """Negative cases (tests/sharp_model.py `broken`): the same comparison with the DW normaliser taken over the last
+  teacher micro-batch instead of the mini-batch, or with the SDPO term dropped, fails; on a flat random-init model
+  neither would."""
+  with broken(kind), pytest.raises(AssertionError, match="micro_batch_size"):  # the update's loss or gradient
     _check_updates(method, [(True, [dict(micro_batch_size=2)])])
 
 
