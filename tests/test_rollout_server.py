@@ -232,7 +232,7 @@ def test_bad_urls_and_deadlines_are_refused():
     se.SGLangEngine("m", url="http://h:1", request_deadline_s=0, install_signal_handlers=False)
   base = tiny_config_dict()
   for key, value, why in [("rollout.sglang_url", "localhost:30000", "http://host:port"),
-                          ("rollout.request_deadline_s", float("inf"), "finite number of seconds"),
+                          ("rollout.request_deadline_s", float("inf"), "must be a finite number"),
                           ("rollout.health_timeout_s", 0.0, "finite number of seconds"),
                           ("rollout.request_retries", -1, ">= 0")]:
     with pytest.raises(config_lib.ConfigError, match=re.escape(key) + ".*" + re.escape(why)):
