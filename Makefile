@@ -52,8 +52,11 @@ compare: $(STAMP)  # make compare SEEDS=3: every method on seeds 0, 1, 2 (srpo_j
 # The multi-process trainer and README-command tests run alone afterwards: their two processes and gloo collectives
 # would compete with the other worker for this machine's cores (BUILD_NOTES.md, "Test suite after issue 12").
 SOLO_TESTS := tests/test_multiprocess_trainer.py tests/test_readme_commands.py
+# Both passes share one fresh XLA compilation cache (the solo tests reuse the tiny config's programs), removed after.
 test: $(STAMP) $(AOT_STAMP)
-	$(BIN)/python -m pytest -n auto --dist loadfile tests $(addprefix --ignore=,$(SOLO_TESTS))
+	export JAX_COMPILATION_CACHE_DIR="$$(mktemp -d -t srpo-jax-test-xla-cache-XXXXXX)"; \
+	trap 'rm -rf "$$JAX_COMPILATION_CACHE_DIR"' EXIT; \
+	$(BIN)/python -m pytest -n auto --dist loadfile tests $(addprefix --ignore=,$(SOLO_TESTS)) && \
 	$(BIN)/python -m pytest $(SOLO_TESTS)
 
 bench: $(STAMP)  # each prints a table of ratios measured side by side in one run (bench/*.py docstrings)
