@@ -46,6 +46,14 @@ import threading
 import time
 from typing import Any
 
+# The API fields of SGLang's `SamplingParams` (python/sglang/srt/sampling/sampling_params.py, 0.5.x): the real server
+# builds it from each request's `sampling_params` and answers 400 for any other key; so does this fake.
+SGLANG_SAMPLING_KEYS = frozenset({
+    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
+    "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n", "json_schema", "regex",
+    "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
+    "custom_params", "stream_interval", "logit_bias", "sampling_seed"})
+
 
 def weights_fingerprint(model_path: str) -> str:
   """sha256 of the *.safetensors files (names and bytes) directly under `model_path`; "" when there are none."""
@@ -188,6 +196,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     params = [params] * len(batch) if isinstance(params, dict) else params
     if len(params) != len(batch):
       self._send(400, {"error": {"message": "sampling_params length must equal the batch size"}})
+      return
+    unknown = sorted({k for p in params for k in p} - SGLANG_SAMPLING_KEYS)
+    if unknown:  # as the real server: SamplingParams(**sampling_params) refuses a key it does not define
+      self._send(400, {"error": {"message": f"unknown sampling_params keys {unknown}"}})
       return
     if any(int(p.get("n", 1)) != 1 for p in params):
       self._send(400, {"error": {"message": "this fake serves n == 1 only (one prompt copy per sample)"}})

@@ -240,3 +240,16 @@ def test_sigterm_closes_server_and_chains_previous_handler(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is not eng._on_signal  # close() put the previous handler back.
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+def test_sampling_keys_are_sglangs_and_a_misspelt_one_is_refused(tmp_path, monkeypatch):
+  """Every key the client sends is a SamplingParams field of SGLang; the fake, like the real server, answers 400 to
+  any other, so a misspelt key fails here rather than first on a GPU."""
+  from tests.fake_sglang_server import SGLANG_SAMPLING_KEYS
+  sent = se.sglang_sampling_params(SamplingParams(max_new_tokens=2, top_k=5, stop_token_ids=(3,)), seed=1)
+  assert set(sent) <= SGLANG_SAMPLING_KEYS
+  translate = se.sglang_sampling_params
+  monkeypatch.setattr(se, "sglang_sampling_params", lambda *a, **k: {**translate(*a, **k), "top_kk": 5})
+  with _engine(tmp_path) as eng:
+    with pytest.raises(se.SGLangError, match=r"400.*unknown sampling_params keys \['top_kk'\]"):
+      eng.generate([[1, 2]], SamplingParams(max_new_tokens=2))
