@@ -22,6 +22,7 @@ Run: `.venv/bin/python bench/step.py` (`make bench` runs it with the other bench
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -104,15 +105,20 @@ class Setup:
     opt, _ = make_optimizer(1e-5, warmup_steps=0)
     fns = make_train_fns(self.graphdef, opt, LossHParams(algo=cfg.algo, loss_agg=cfg.loss_agg,
                                                          tile_size=self.tile))
-    state = T.TrainState(params=self.params, opt_state=opt.init(self.params), teacher=self.teacher)
+    # The update donates params and optimizer state (as the trainer, each step continues from the last one's) and
+    # `self.params` is shared by every setup: this one works on its own copy.
+    params = jax.tree.map(jnp.copy, self.params)
+    state = T.TrainState(params=params, opt_state=opt.init(params), teacher=self.teacher)
+    current = [state]
 
     def run():
-      old = None
+      st, old = current[0], None
       if T.needs_old_logp(cfg):
         groups = T.row_groups(np.arange(self.rows), self.batch.mask.sum(axis=1), cfg, 1)
-        old = T.prepare(fns, state.params, self.batch, groups, PAD)
-      out = T.run_updates(fns, state, self.batch, old, sc, self.teacher_prompts, self.responses, cfg, PAD)
+        old = T.prepare(fns, st.params, self.batch, groups, PAD)
+      out = T.run_updates(fns, st, self.batch, old, sc, self.teacher_prompts, self.responses, cfg, PAD)
       jax.block_until_ready(out[0])
+      current[0] = dataclasses.replace(st, params=out[0], opt_state=out[1])
       return out
     return run, fns, state
 

@@ -21,6 +21,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from typing import Any, Optional, Sequence
 
 import jax
@@ -502,7 +503,9 @@ def run_updates(fns: TrainFns, state: TrainState, batch: StepBatch, old_logp: Op
     if pending and teacher_parts:  # no plain micro-batch followed: normalise in `apply`
       dw_used = scale = dw_scale(teacher_parts)
       loss = loss * scale
-    params, opt_state, grad_norm, finite = fns.apply(params, opt_state, grads, loss, scale)
+    with warnings.catch_warnings():  # the donated gradients cannot alias an output (the new params alias the old):
+      warnings.filterwarnings("ignore", "Some donated buffers were not usable")  # donated to be freed at once
+      params, opt_state, grad_norm, finite = fns.apply(params, opt_state, grads, loss, scale)
     outs.append((loss, grad_norm, finite, parts, dw_used))
   # One host sync for all the step's optimizer steps; the micro-batch statistics combine on the host.
   stats = [UpdateStats(loss=loss, grad_norm=grad_norm, finite=finite,

@@ -34,6 +34,16 @@ def fast_config(run_dir, **extra):
   return config_lib.validate(config_lib.apply_overrides(tiny_config_dict(), fast_overrides(run_dir, **extra)))
 
 
+def fresh(state):
+  """`state` (a trainer.TrainState) with its own copies of the arrays: the train step's programs donate params,
+  optimizer state and gradients (as on GPUs), so a test that runs updates from one state twice passes a fresh one."""
+  import jax
+  import jax.numpy as jnp
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  return dataclasses.replace(state, params=copy(state.params), opt_state=copy(state.opt_state),
+                             teacher=copy(state.teacher))
+
+
 def coin_reward(text: str, answer: str) -> float:
   """A deterministic 0/1 'reward' of the text alone: random-init models then produce mixed groups to route."""
   del answer

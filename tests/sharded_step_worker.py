@@ -26,6 +26,7 @@ import optax  # noqa: E402
 
 from srpo_jax.train_step import LossHParams, TrainShardings, make_train_fns  # noqa: E402
 from srpo_jax import metrics as M  # noqa: E402
+from tests.e2e_utils import fresh  # noqa: E402
 from tests.sharp_model import broken, sharpen  # noqa: E402
 
 V, PAD, B = 384, 0, 16
@@ -51,7 +52,7 @@ def broken_updates(fns, state, batch, sc, tps, responses, run_cfg, params0, ref)
   out = {}
   for kind in ("dw_unnormalised", "sdpo_term_dropped"):
     with broken(kind):
-      new_params, _, stats, _ = T.run_updates(fns, state, batch, None, sc, tps, responses, run_cfg, PAD, 1)
+      new_params, _, stats, _ = T.run_updates(fns, fresh(state), batch, None, sc, tps, responses, run_cfg, PAD, 1)
     delta = np.concatenate([(np.asarray(a) - np.asarray(b)).ravel() for a, b in
                             zip(jax.tree.leaves(new_params), jax.tree.leaves(params0))])
     out[kind] = {"loss": float(stats[0].loss),
@@ -84,7 +85,7 @@ def main():
       opt_state = jax.device_put(opt.init(params), sh.opt_state)
       fns, rows = make_train_fns(graphdef, opt, hp, sh), shape[0] * shape[1]
     state = T.TrainState(params=params, opt_state=opt_state, teacher=teacher)
-    new_params, _, stats, _ = T.run_updates(fns, state, batch, None, sc, tps, responses, run_cfg, PAD, rows)
+    new_params, _, stats, _ = T.run_updates(fns, fresh(state), batch, None, sc, tps, responses, run_cfg, PAD, rows)
     delta = np.concatenate([(np.asarray(a) - np.asarray(b)).ravel() for a, b in
                             zip(jax.tree.leaves(new_params), jax.tree.leaves(params0))])
     if shape is None:

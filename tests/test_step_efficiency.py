@@ -23,6 +23,7 @@ from srpo_jax.kernels import fused_head as fh
 from srpo_jax.models.qwen3 import Qwen3Config, init_model
 from srpo_jax.train_step import LossHParams, make_train_fns, response_hidden, student_logp
 from tests import torch_ref_losses as ref
+from tests.e2e_utils import fresh
 from tests.sharp_model import broken, dw_spread, share, sharpen
 
 V, PAD, N = 384, 0, 8
@@ -222,7 +223,7 @@ def _check_updates(method, settings, seed=3, entropy_coef=0.0, torch_check=False
       torch_loss = _torch_reference_loss(params, teacher, graphdef, batch, sc, tps, ro.responses, base)
       assert abs(float(want_loss) - torch_loss) <= 1e-5 * scale, (float(want_loss), torch_loss)
     for optim in optims:
-      _, grads, stats, _ = T.run_updates(fns, state, batch, old_logp, sc, tps, ro.responses,
+      _, grads, stats, _ = T.run_updates(fns, fresh(state), batch, old_logp, sc, tps, ro.responses,
                                          _cfg(method, entropy_coef, **optim), PAD)
       assert len(stats) == 1 and bool(stats[0].finite)
       assert abs(float(stats[0].loss) - float(want_loss)) <= 1e-6 * scale, (optim, on_policy, float(stats[0].loss),
@@ -269,7 +270,7 @@ def test_on_policy_steps_have_ratio_exactly_one_and_skip_the_pi_old_pass():
   cfg = _cfg("srpo", micro_batch_size=2)
   fns = make_train_fns(graphdef, opt, LossHParams(algo=cfg.algo, loss_agg=cfg.loss_agg, tile_size=TILE))
   state = T.TrainState(params=params, opt_state=opt.init(params), teacher=params)
-  _, _, stats, _ = T.run_updates(fns, state, batch, None, sc, tps, ro.responses, cfg, PAD)
+  _, _, stats, _ = T.run_updates(fns, fresh(state), batch, None, sc, tps, ro.responses, cfg, PAD)
   m = T.update_metrics(jax.device_get(stats))
   assert m[M.GRPO_RATIO_MEAN] == 1.0 and m[M.GRPO_CLIP_FRAC] == 0.0 and m[M.GRPO_APPROX_KL] == 0.0
   assert m[M.DW_MEAN] == pytest.approx(1.0, rel=1e-6)
