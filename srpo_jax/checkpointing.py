@@ -55,6 +55,7 @@ INTEGRITY_VERSION = 1
 # Written by orbax's finalize after the record (a commit marker and a timestamp: no state); not in the record.
 _FINALIZE_FILES = frozenset({"commit_success.txt", "_CHECKPOINT_METADATA"})
 LOCK_FILE = ".lock"
+_NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device": also how tensorstore reports it, as text
 
 
 class CheckpointError(ValueError):
@@ -139,7 +140,7 @@ class Checkpointer:
     where = f"checkpoint {step} ({self.step_dir(step)})"
     require_finite(state_pytree, f"refusing to save {where}; the previous checkpoints are kept "
                                  f"(newest: {self.latest_step()})")
-    self._check_space(step, state_pytree)
+    self._check_space(step)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state_pytree), meta=ocp.args.JsonSave(meta))
     absl_log = logging.getLogger("absl")
     absl_log.addFilter(_no_space_record)  # orbax's writer threads log the error we report in one line below
@@ -152,7 +153,7 @@ class Checkpointer:
         for name in os.listdir(self.directory):  # give the space back: orbax's unfinished temporary directory
           if name.startswith(f"{step}.orbax-checkpoint-tmp"):
             shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-        raise CheckpointError(f"{self.step_dir(step)}: No space left on device while saving checkpoint {step} "
+        raise CheckpointError(f"{self.step_dir(step)}: {_NO_SPACE} while saving checkpoint {step} "
                               f"({_free_gb(self.directory)} free); the previous checkpoints are kept (newest: "
                               f"{self.latest_step()})") from None
       raise
@@ -160,19 +161,18 @@ class Checkpointer:
       absl_log.removeFilter(_no_space_record)
     return bool(saved)
 
-  def _check_space(self, step: int, state_pytree: PyTree) -> None:
+  def _check_space(self, step: int) -> None:
     """Refuses a save that cannot fit. The estimate is the newest checkpoint's size on disk: the same tree, written
     the same way (orbax compresses, so the arrays' own bytes over-count: 0.157 GB for a 0.11 GB tiny checkpoint).
     Without a checkpoint there is no estimate that could not refuse a save that fits; the write reports a full disk
     in one line all the same."""
-    del state_pytree  # its uncompressed size is no estimate (above)
     newest = self.latest_step()
     if newest is None:
       return
     need = sum(_file_size(os.path.join(d, n)) for d, _, names in os.walk(self.step_dir(newest)) for n in names)
     free = shutil.disk_usage(self.directory).free
     if need > free:
-      raise CheckpointError(f"{self.step_dir(step)}: No space left on device: checkpoint {step} needs about "
+      raise CheckpointError(f"{self.step_dir(step)}: {_NO_SPACE}: checkpoint {step} needs about "
                             f"{need / 1e9:.3f} GB (checkpoint {newest}'s size), {free / 1e9:.3f} GB free; nothing "
                             f"written, the previous checkpoints are kept (newest: {newest})")
 
@@ -391,7 +391,7 @@ def _is_no_space(e: BaseException) -> bool:
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
-    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or _NO_SPACE in str(e):
       return True
     e = e.__cause__ or e.__context__
   return False
@@ -407,7 +407,7 @@ def _file_size(path: str) -> int:
 def _no_space_record(record: logging.LogRecord) -> bool:
   """A logging filter: False (drop) for a record about a full disk, which `Checkpointer.save` reports itself."""
   text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info and record.exc_info[1] else "")
-  return "No space left on device" not in text
+  return _NO_SPACE not in text
 
 
 _ABANDONED = ("Event loop is closed", "sys.meta_path is None")

@@ -35,17 +35,21 @@ def main(argv):
   except config_lib.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
+
+  def what_is_kept() -> str:  # for the one line of a stopping process; imported late: the supervisor runs no JAX
+    from srpo_jax.checkpointing import describe_newest
+    return describe_newest(cfg.checkpoint_dir)
+
   if cfg.mesh.num_processes > 1 and not supervise.supervised():  # the work runs in a child (srpo_jax/supervise.py)
-    kept = lambda: __import__("srpo_jax.checkpointing").checkpointing.describe_newest(cfg.checkpoint_dir)
     sys.exit(supervise.run_supervised([sys.executable, "-m", "srpo_jax.main", *sys.argv[1:]], cfg.mesh.num_processes,
-                                      cfg.mesh.process_id, cfg.mesh.coordinator, kept))
+                                      cfg.mesh.process_id, cfg.mesh.coordinator, what_is_kept))
   from srpo_jax import checkpointing, distributed, plan, run
   from srpo_jax.rollout.sglang_engine import SGLangError
   CHECKPOINT_ERRORS = (checkpointing.CheckpointError, checkpointing.RunDirInUse)
   try:
     mesh = run.build_mesh(cfg)
     # Multi-process runs: an error ends this process at once (its peers' next collective then fails; they name it).
-    with distributed.exit_on_failure(lambda: checkpointing.describe_newest(cfg.checkpoint_dir),
+    with distributed.exit_on_failure(what_is_kept,
                                      statuses={plan.DoesNotFit: 3, SGLangError: 4, **{t: 6 for t in CHECKPOINT_ERRORS}}):
       run.run(cfg, mesh=mesh)
   except plan.DoesNotFit as e:

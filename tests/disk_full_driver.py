@@ -14,8 +14,8 @@ def main():
   from srpo_jax import checkpointing
   check_space = checkpointing.Checkpointer._check_space
 
-  def check_then_fill(self, step, tree):
-    check_space(self, step, tree)
+  def check_then_fill(self, step):
+    check_space(self, step)
     if step == full_at:
       with open(filler, "wb") as f:
         f.write(b"\0" * (shutil.disk_usage(self.directory).free - 1_000_000))

@@ -34,14 +34,18 @@ def fast_config(run_dir, **extra):
   return config_lib.validate(config_lib.apply_overrides(tiny_config_dict(), fast_overrides(run_dir, **extra)))
 
 
-def fresh(state):
-  """`state` (a trainer.TrainState) with its own copies of the arrays: the train step's programs donate params,
-  optimizer state and gradients (as on GPUs), so a test that runs updates from one state twice passes a fresh one."""
+def copied(tree):
+  """A copy of every array of `tree`: the train step's programs donate params, optimizer state and gradients (as on
+  GPUs), so a test that passes the same arrays twice passes copies."""
   import jax
   import jax.numpy as jnp
-  copy = lambda tree: jax.tree.map(jnp.copy, tree)
-  return dataclasses.replace(state, params=copy(state.params), opt_state=copy(state.opt_state),
-                             teacher=copy(state.teacher))
+  return jax.tree.map(jnp.copy, tree)
+
+
+def fresh(state):
+  """`state` (a trainer.TrainState) with its own copies of the arrays (`copied`)."""
+  return dataclasses.replace(state, params=copied(state.params), opt_state=copied(state.opt_state),
+                             teacher=copied(state.teacher))
 
 
 def coin_reward(text: str, answer: str) -> float:

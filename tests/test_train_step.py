@@ -10,6 +10,7 @@ from srpo_jax import batching
 from srpo_jax.models.qwen3 import Qwen3Config, init_model
 from srpo_jax.config import AlgoConfig
 from srpo_jax.train_step import LossHParams, make_optimizer, make_train_fns
+from tests.e2e_utils import copied
 
 V, PAD = 384, 0
 
@@ -69,15 +70,14 @@ def test_plain_micro_batches_run_no_teacher_forward():
   one, den = jnp.float32(1.0), jnp.float32(10.0)
   # A teacher full of NaNs cannot affect a micro-batch that runs no teacher forward.
   nan_teacher = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), params)
-  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # accumulate donates its gradient accumulator
-  _, loss, _, _ = fns.accumulate(params, nan_teacher, copy(grads), one, mb_0, den)
+  _, loss, _, _ = fns.accumulate(params, nan_teacher, copied(grads), one, mb_0, den)  # the accumulator is donated
   assert np.isfinite(float(loss))
   # And the compiled program has fewer matmuls: the teacher's layers and head are absent.
   jx_t = jax.make_jaxpr(fns.accumulate)(params, params, grads, one, mb_t, den).jaxpr
   jx_0 = jax.make_jaxpr(fns.accumulate)(params, params, grads, one, mb_0, den).jaxpr
   assert _dot_count(jx_0) < _dot_count(jx_t)
   # With SDPO rows, a NaN teacher does reach the loss (the test above would catch a silently skipped teacher).
-  _, loss_t, _, _ = fns.accumulate(params, nan_teacher, copy(grads), one, mb_t, den)
+  _, loss_t, _, _ = fns.accumulate(params, nan_teacher, copied(grads), one, mb_t, den)
   assert not np.isfinite(float(loss_t))
 
 
@@ -91,8 +91,8 @@ def test_apply_skips_a_step_whose_new_parameters_are_not_finite():
            (make_optimizer(1e-3, warmup_steps=0)[0], ones)]  # healthy
   for i, (opt, grads) in enumerate(cases):
     fns = make_train_fns(graphdef, opt, LossHParams(tile_size=8))
-    copy = lambda tree: jax.tree.map(jnp.copy, tree)  # apply donates parameters, optimizer state and gradients
-    new_p, _, gn, finite = fns.apply(copy(params), opt.init(params), copy(grads), jnp.float32(1.0), jnp.float32(1.0))
+    new_p, _, gn, finite = fns.apply(copied(params), opt.init(params), copied(grads), jnp.float32(1.0),
+                                     jnp.float32(1.0))  # apply donates parameters, optimizer state and gradients
     same = all(np.array_equal(np.asarray(a), np.asarray(b))
                for a, b in zip(jax.tree.leaves(new_p), jax.tree.leaves(params)))
     assert np.isfinite(float(gn))
