@@ -83,3 +83,36 @@ def test_model_hidden_states_blockwise_equals_naive():
   model_n = nnx.merge(nnx.split(init_model(dataclasses.replace(cfg, attention="naive"), seed=0))[0], state)
   hb, hn = model_b.hidden_states(ids, mask), model_n.hidden_states(ids, mask)
   np.testing.assert_allclose(np.asarray(hb)[np.asarray(mask)], np.asarray(hn)[np.asarray(mask)], atol=1e-5)
+
+
+def test_cudnn_never_sees_a_length_zero_row_of_a_padded_micro_batch(monkeypatch):
+  """A micro-batch padded with empty rows (batching.micro_batch) reaches cuDNN attention with every sequence length
+  >= 1 (cuDNN has no defined output for a length-0 row), and those rows carry no loss (no response positions).
+  cuDNN cannot run here: the call is recorded and computed by XLA's implementation with the same lengths."""
+  from srpo_jax import batching
+  seen = []
+  real = jax.nn.dot_product_attention
+
+  def recording(q, k, v, **kw):
+    assert kw.pop("implementation") == "cudnn"
+    jax.debug.callback(lambda ql, kl: seen.append((np.asarray(ql), np.asarray(kl))), kw["query_seq_lengths"],
+                       kw["key_value_seq_lengths"])
+    return real(q, k, v, implementation="xla", **kw)
+
+  monkeypatch.setattr(A.jax.nn, "dot_product_attention", recording)
+  cfg = Qwen3Config.preset("tiny", attention="cudnn", dtype="bfloat16", num_hidden_layers=1)
+  model = init_model(cfg)
+  arr = batching.StepArrays(
+      ids=np.array([[5, 6, 7, 8]], np.int32), mask=np.array([[1, 1, 1, 0]], bool), start=np.array([2], np.int32),
+      resp=np.array([[1, 0]], bool), roll_logp=np.zeros((1, 2), np.float32), adv=np.ones(1, np.float32),
+      grpo=np.ones(1, bool), sdpo=np.zeros(1, bool))
+  mb = batching.micro_batch([0], arr, {}, [[7]], pad=0, num_rows=4, with_teacher=False)
+  empty = ~mb.mask.any(axis=1)
+  assert empty.sum() == 3 and not mb.resp[empty].any()  # padding rows: no valid token, no loss position
+  hidden = model.hidden_states(jnp.asarray(mb.ids), jnp.asarray(mb.mask), right_padded=True)
+  jax.effects_barrier()
+  assert seen, "the cudnn path was not taken"
+  for q_len, kv_len in seen:
+    assert (q_len >= 1).all() and (kv_len >= 1).all(), (q_len, kv_len)
+    np.testing.assert_array_equal(kv_len[~empty], mb.mask[~empty].sum(axis=1))  # real rows keep their lengths
+  assert bool(jnp.all(jnp.isfinite(hidden[~empty])))

@@ -63,7 +63,8 @@ def attention(q_BQNH, k_BSKH, v_BSKH, q_slots_BQ, kv_valid_BS, *, impl: str = "a
     return naive_attention(q_BQNH, k_BSKH, v_BSKH, q_slots_BQ, kv_valid_BS)
   if impl == "blockwise":
     return blockwise_attention(q_BQNH, k_BSKH, v_BSKH, q_slots_BQ, kv_valid_BS, block=block)
-  lengths_B = jnp.sum(kv_valid_BS, axis=1, dtype=jnp.int32)
+  # >= 1: a micro-batch's padding rows are empty (no loss), and cuDNN has no defined output for a length-0 row.
+  lengths_B = jnp.maximum(jnp.sum(kv_valid_BS, axis=1, dtype=jnp.int32), 1)
   return jax.nn.dot_product_attention(q_BQNH, k_BSKH.astype(q_BQNH.dtype), v_BSKH.astype(q_BQNH.dtype),
                                       is_causal=True, query_seq_lengths=lengths_B, key_value_seq_lengths=lengths_B,
                                       implementation="cudnn")
