@@ -129,6 +129,35 @@ def test_sharded_index_checkpoint_loads(pair, tmp_path):
   np.testing.assert_allclose(_torch_logits(back, ids), _torch_logits(hf, ids), atol=1e-5, rtol=0)
 
 
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_export_files_are_the_host_conversions_bytes(pair, tmp_path, dtype):
+  """The device-side cast and layout (hf_io._hf_layout) and the parallel shard writes give the very files of the
+  host conversion (numpy astype, then the HF transpose), byte for byte, values chosen to round both ways."""
+  from safetensors.numpy import save_file
+  _, ours, _ = pair
+  from flax import nnx
+  graphdef, state = nnx.split(ours)
+  rng = np.random.default_rng(6)
+  # Values between bf16 neighbours (ties included) so that a different rounding than numpy's shows in the bytes.
+  state = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape).astype(np.float32) + np.float32(2.0**-9),
+                                             x.dtype), state)
+  model = nnx.merge(graphdef, state)
+  out = hf_io.save_pretrained(model, tmp_path / "export", dtype=dtype, max_shard_bytes=30_000)
+  index = json.load(open(os.path.join(out, hf_io.INDEX_FILE)))
+  files = sorted(set(index["weight_map"].values()))
+  assert len(files) > 2
+  dt = np.dtype(jnp.dtype(dtype))
+  for fname in files:
+    ref = {name: np.ascontiguousarray(hf_io._to_hf(kind, np.asarray(hf_io._variable(model, attr).get_value())
+                                                   .astype(dt)))
+           for attr, name, kind in hf_io.param_table(model.config) if index["weight_map"][name] == fname}
+    save_file(ref, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "ref.safetensors").read_bytes() == open(os.path.join(out, fname), "rb").read(), fname
+  assert index["metadata"]["total_size"] == sum(
+      int(np.prod(hf_io._variable(model, a).get_value().shape)) * dt.itemsize for a, _, _ in
+      hf_io.param_table(model.config))
+
 def test_bf16_close_to_fp32_reference(pair):
   hf, _, d = pair
   ours = srpo_jax.load_pretrained(d, dtype="bfloat16")

@@ -11,6 +11,8 @@ for k and v).
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import json
 import os
 import shutil
@@ -245,9 +247,32 @@ def remove_export_leftovers(*directories: str | os.PathLike) -> list[str]:
   return removed
 
 
+@functools.partial(jax.jit, static_argnames=("kind", "dtype"))
+def _hf_layout(x, kind: str, dtype):
+  """One parameter cast and laid out as HF stores it, on the devices that hold it (XLA's convert rounds to nearest
+  even, as numpy's astype: the bytes are those of the host conversion)."""
+  return _to_hf(kind, x.astype(dtype))
+
+
+def _write_shard(path: str, names: list[str], arrays: list[Any]) -> None:
+  """Copies one shard's device arrays to the host and writes them as a safetensors file."""
+  tensors = {name: np.asarray(jax.device_get(a)) for name, a in zip(names, arrays)}
+  save_file(tensors, path, metadata={"format": "pt"})
+
+
+def export_workers(num_shards: int) -> int:
+  """Shards written at once: one per CPU up to the shard count (each holds one shard, <= max_shard_bytes, on the
+  host while it is written)."""
+  return max(1, min(num_shards, os.cpu_count() or 1))
+
+
 def save_pretrained(model: Qwen3, path: str | os.PathLike, tokenizer=None, *, dtype: str | None = None,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
-  """Writes `model` as an HF directory (config.json, sharded safetensors + index, tokenizer files if given)."""
+  """Writes `model` as an HF directory (config.json, sharded safetensors + index, tokenizer files if given).
+
+  Each tensor is cast and transposed on its devices (`_hf_layout`, jitted), and the shards are copied to the host
+  and written in parallel (`export_workers`): a refit's export runs at memory speed, not at a host transpose's.
+  """
   cfg = model.config
   get = lambda attr_path: _variable(model, attr_path).get_value()
   path = os.path.abspath(os.fspath(path))
@@ -269,16 +294,20 @@ def save_pretrained(model: Qwen3, path: str | os.PathLike, tokenizer=None, *, dt
   tmp = tempfile.mkdtemp(prefix=EXPORT_TMP_PREFIXES[0], dir=parent)
   try:
     weight_map, total = {}, 0
-    for si, shard in enumerate(shards):
-      fname = f"model-{si + 1:05d}-of-{len(shards):05d}.safetensors"
-      tensors = {}
-      for attr_path, hf_name, kind in shard:
-        x = np.asarray(jax.device_get(get(attr_path))).astype(out_dtype)
-        tensors[hf_name] = np.ascontiguousarray(_to_hf(kind, x))
+    fnames = [f"model-{si + 1:05d}-of-{len(shards):05d}.safetensors" for si in range(len(shards))]
+    for fname, shard in zip(fnames, shards):
+      for attr_path, hf_name, _ in shard:
         weight_map[hf_name] = fname
-        total += tensors[hf_name].nbytes
-      save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
-      del tensors
+        total += int(np.prod(get(attr_path).shape)) * out_dtype.itemsize
+
+    def write(si: int) -> None:  # the device work is dispatched shard by shard, so at most the writers' shards live
+      names = [hf_name for _, hf_name, _ in shards[si]]
+      arrays = [_hf_layout(get(attr_path), kind, out_dtype) for attr_path, _, kind in shards[si]]
+      _write_shard(os.path.join(tmp, fnames[si]), names, arrays)
+
+    with concurrent.futures.ThreadPoolExecutor(export_workers(len(shards))) as pool:
+      for fut in [pool.submit(write, si) for si in range(len(shards))]:
+        fut.result()
     with open(os.path.join(tmp, INDEX_FILE), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     hf_cfg = cfg.to_hf_dict()
