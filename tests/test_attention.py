@@ -21,8 +21,10 @@ def _inputs(seed, b=3, s=13, n=4, k=2, h=8):
 
 
 @pytest.mark.parametrize("padding", ["none", "right", "left"])
-@pytest.mark.parametrize("block", [4, 5, 13, 64])
-def test_blockwise_equals_naive_values_and_gradients(padding, block):
+@pytest.mark.parametrize("block,query_block", [(4, 2048), (5, 2048), (13, 2048), (64, 2048), (4, 4), (5, 6),
+                                               (3, 13), (4, 12)])
+def test_blockwise_equals_naive_values_and_gradients(padding, block, query_block):
+  """query_block < S takes the chunked path (the last chunk padded unless it divides S = 13)."""
   q, k, v, masks = _inputs(0)
   valid = jnp.asarray(masks[padding])
   slots = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
@@ -34,7 +36,7 @@ def test_blockwise_equals_naive_values_and_gradients(padding, block):
     return jnp.sum(jnp.where(live, fn(q, k, v, slots, valid), 0.0) * cot)
 
   naive = lambda *a: A.naive_attention(*a)
-  blockwise = lambda *a: A.blockwise_attention(*a, block=block)
+  blockwise = lambda *a: A.blockwise_attention(*a, block=block, query_block=query_block)
   out_n, out_b = naive(q, k, v, slots, valid), blockwise(q, k, v, slots, valid)
   assert bool(jnp.all(jnp.isfinite(out_b)))
   np.testing.assert_allclose(np.where(live, out_b, 0), np.where(live, out_n, 0), atol=1e-5)
@@ -51,8 +53,9 @@ def test_blockwise_on_cache_slots_equals_naive():
   valid = jnp.asarray(masks["left"]) & (jnp.arange(16) < p)[None]
   slots = jnp.broadcast_to(jnp.arange(p), (3, p))
   out_n = A.naive_attention(q[:, :p], k, v, slots, valid)
-  out_b = A.blockwise_attention(q[:, :p], k, v, slots, valid, block=4)
-  np.testing.assert_allclose(out_b, out_n, atol=1e-5)
+  for query_block in (2048, 4):
+    out_b = A.blockwise_attention(q[:, :p], k, v, slots, valid, block=4, query_block=query_block)
+    np.testing.assert_allclose(out_b, out_n, atol=1e-5)
 
 
 def test_select():

@@ -89,9 +89,11 @@ class Qwen3Config:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: bool = False
-  # Attention implementation (srpo_jax.models.attention): auto | naive | blockwise | cudnn, and blockwise's key block.
+  # Attention implementation (srpo_jax.models.attention): auto | naive | blockwise | cudnn, and blockwise's key block
+  # and query chunk.
   attention: str = "auto"
-  attention_block: int = 512
+  attention_block: int = attention_lib.DEFAULT_BLOCK
+  attention_query_block: int = attention_lib.DEFAULT_QUERY_BLOCK
 
   def __post_init__(self):
     if self.num_attention_heads % self.num_key_value_heads:
@@ -102,8 +104,9 @@ class Qwen3Config:
     as_dtype(self.param_dtype), as_dtype(self.dtype)
     if self.attention not in attention_lib.IMPLEMENTATIONS:
       raise ValueError(f"Qwen3Config: attention={self.attention!r}; expected one of {attention_lib.IMPLEMENTATIONS}")
-    if self.attention_block <= 0:
-      raise ValueError(f"Qwen3Config: attention_block={self.attention_block} must be > 0")
+    for name in ("attention_block", "attention_query_block"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"Qwen3Config: {name}={getattr(self, name)} must be > 0")
 
   # -- HF config.json ------------------------------------------------------------------------------------------------
   @classmethod
@@ -345,7 +348,8 @@ class Attention(nnx.Module):
     d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     pd, std = as_dtype(cfg.param_dtype), 0.02
     self.head_dim, self.rope_theta = h, cfg.rope_theta
-    self.attention, self.attention_block = cfg.attention, cfg.attention_block
+    self.attention, self.attention_block, self.attention_query_block = (cfg.attention, cfg.attention_block,
+                                                                        cfg.attention_query_block)
     self.dtype = as_dtype(cfg.dtype)
     self.q = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), pd, std)
     self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std)
@@ -380,7 +384,7 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
     out = attention_lib.attention(q, k.astype(q.dtype), v.astype(self.dtype), q_slots_BQ, kv_valid_BS,
                                   impl=self.attention, right_padded=right_padded and kv_cache is None,
-                                  block=self.attention_block)
+                                  block=self.attention_block, query_block=self.attention_query_block)
     y = jnp.einsum("BQNH,NHD->BQD", out.astype(self.dtype), self.o[...].astype(self.dtype))
     return y, (k, v)
 
