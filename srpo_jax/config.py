@@ -249,8 +249,8 @@ class RolloutConfig:
       3600.0, "SGLang: overall deadline of one /generate request (up to 256 sequences), connect to last byte, not a "
       "per-read timeout; its clock starts when it is sent and up to 2 requests share the server. Sized for the "
       "paper's responses: 2 × 256 × 8,192 tokens ≈ 4.2M tokens, ~35 min at 2,000 tokens/s of a KV-limited 8B server "
-      "(--mem-fraction-static 0.35). A request past it is retried (request_retries), then the run stops with an error "
-      "naming the URL and this deadline.", FINITE_SECONDS)
+      "(beside JAX on an H100: sglang_memory). A request past it is retried (request_retries), then the run stops "
+      "with an error naming the URL and this deadline.", FINITE_SECONDS)
   health_timeout_s: float = _f(
       900.0, "SGLang: how long the server may take to answer GET /health_generate with 200 (a launched 8B server loads "
       "its weights and captures CUDA graphs: minutes), and to load pushed weights (/update_weights_from_disk).",
@@ -855,9 +855,9 @@ def paper_config(model_name: str, param: str = "", mesh: Optional[Mapping[str, i
   c.data.task = task
   c.algo.name = algo
   c.rollout.engine = "sglang"
-  # SGLang and the JAX trainer share the GPUs: SGLang keeps 35% of each GPU's memory (weights + KV cache), and
-  # `srpo_jax.run` caps JAX's preallocation at 55% (XLA_PYTHON_CLIENT_MEM_FRACTION) unless the environment sets it.
-  c.rollout.sglang_args = ("--mem-fraction-static", "0.35")
+  # SGLang and the JAX trainer share the GPUs: `srpo_jax.run` caps JAX's preallocation at 55%
+  # (XLA_PYTHON_CLIENT_MEM_FRACTION) unless the environment sets it, and the trainer gives the launched server the
+  # rest: --dp-size (every GPU of the node) and --mem-fraction-static from `srpo_jax.rollout.sglang_memory`.
   c.train.steps = 1000  # An upper bound: the paper reports best accuracy within 10h of wall-clock.
   c.train.max_wall_time_h = 10.0
   # The official configs: GRPO's validates before training (val_before_train: True), SDPO's and SRPO's do not.

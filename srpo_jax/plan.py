@@ -513,6 +513,9 @@ class Plan:
   mode: str  # "compiled", "compiled (L layers, extrapolated linearly)", "analytic", "state only"
   notes: list[str] = dataclasses.field(default_factory=list)
   num_hosts: int = 1  # nodes (one process each: mesh.num_processes), each with num_devices / num_hosts devices
+  # rollout.engine=sglang on a GPU target: the server's side of each GPU (`sglang_memory.SGLangMemory` as a dict, with
+  # `fits`: its KV pool holds the step's rollouts) and the projected refit seconds per training step
+  sglang: Optional[dict[str, Any]] = None
 
   @property
   def budget(self) -> int:
@@ -539,8 +542,12 @@ class Plan:
     return self.peak.total if self.peak is not None else self.resident
 
   @property
-  def fits(self) -> bool:
+  def jax_fits(self) -> bool:
     return self.total <= self.budget
+
+  @property
+  def fits(self) -> bool:
+    return self.jax_fits and (self.sglang is None or self.sglang["fits"])
 
   def to_json(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
@@ -576,6 +583,7 @@ def make_plan(cfg, target: Target, *, config_name: str = "", analytic: bool = Fa
               mesh=sizes, model=dict(dataclasses.asdict(q_full)), shapes=dataclasses.asdict(shapes),
               device_memory=target.device_memory_bytes(num_devices), fraction=fraction, fraction_source=source,
               state={}, programs=[], mode="analytic" if analytic else "compiled", num_hosts=hosts)
+  _plan_sglang(plan, cfg, target, q_full)
   abstract = _abstract_mesh(sizes)
   full = Model.build(cfg, q_full, abstract)
   plan.state = full.state_bytes()
@@ -661,6 +669,20 @@ def make_plan(cfg, target: Target, *, config_name: str = "", analytic: bool = Fa
     plan.notes.append(f"prepare/{prepare_rows}: what-if, prepare called on {prepare_rows} rollouts at a time ({now}); "
                       f"not in the verdict")
   return plan
+
+
+def _plan_sglang(plan: Plan, cfg, target: Target, q) -> None:
+  """The SGLang server's side of each GPU beside JAX's share (`srpo_jax.rollout.sglang_memory`), sized as the
+  trainer sizes an owned one; nothing for the JAX engine or the CPU."""
+  if cfg.rollout.engine != "sglang" or not target.is_gpu:
+    return
+  from srpo_jax.rollout import sglang_memory
+  mem = sglang_memory.for_config(cfg, q, device_memory=plan.device_memory, jax_fraction=plan.fraction,
+                                 gpus=target.num_devices, nodes=plan.num_hosts)
+  plan.sglang = dict(dataclasses.asdict(mem), fits=mem.fits, starts=mem.starts, summary=mem.summary(),
+                     jax_fraction_to_fit=mem.jax_fraction_to_fit(),
+                     refit_s=sglang_memory.projected_refit_s(sglang_memory.weight_bytes(q)),
+                     refit_note=sglang_memory.REFIT_NOTE)
 
 
 def _prepare_what_if(cfg, shapes: Shapes, rows: int) -> Shapes:
@@ -852,13 +874,33 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  collectives in {p.name}: " + ", ".join(f"{k} {v}" for k, v in sorted(p.collectives.items())))
   for n in plan.notes:
     lines.append(f"note: {n}")
-  verdict = "FITS" if plan.fits else "DOES NOT FIT"
+  sg = plan.sglang
+  if sg is not None:
+    lines.append(sg["summary"])
+    lines.append(f"refit: projected {sg['refit_s']:.1f} s per training step ({sg['refit_note']})")
+  verdict = "FITS" if plan.jax_fits else "DOES NOT FIT"
   where = f" ({plan.peak.name})" if plan.programs else " (resident state)"
   lines.append(f"{verdict}: peak {plan.total / GiB:.2f} GiB{where} of {plan.budget / GiB:.1f} GiB per device")
+  if sg is not None:
+    lines.append(("FITS" if sg["fits"] else "DOES NOT FIT") + f": SGLang's KV pool {max(sg['kv_tokens'], 0):,} "
+                 f"tokens per GPU for the step's {sg['need_tokens']:,}")
   return "\n".join(lines)
 
 
 def failure_message(cfg, plan: Plan) -> str:
+  if plan.jax_fits:  # then SGLang's KV pool is what does not fit
+    sg = plan.sglang
+    to_fit = sg["jax_fraction_to_fit"]
+    jax_there = plan.total <= plan.device_memory * to_fit
+    return (f"SGLang's KV pool on {plan.target} holds {max(sg['kv_tokens'], 0):,} tokens per GPU, the step's rollouts "
+            f"need {sg['need_tokens']:,} (rollout.prompts_per_step × n × (data.max_prompt_tokens + "
+            f"rollout.max_new_tokens) over {sg['dp']} data-parallel servers{' per node' * (plan.num_hosts > 1)}): "
+            f"rollouts would run in waves. "
+            + (f"Would fit: XLA_PYTHON_CLIENT_MEM_FRACTION={to_fit:.3f} (JAX's peak {plan.total / GiB:.1f} GiB fits "
+               f"its {plan.device_memory * to_fit / GiB:.1f} GiB)" if jax_there and to_fit > 0 else
+               f"No split of this GPU holds both: JAX's peak is {plan.total / GiB:.1f} GiB, and SGLang's pool would "
+               f"leave JAX {max(to_fit, 0) * plan.device_memory / GiB:.1f} GiB; fewer rollout.prompts_per_step or a "
+               f"shorter rollout.max_new_tokens"))
   name, value = largest_term(plan)
   return (f"does not fit on {plan.target}: {plan.total / GiB:.1f} GiB per device > {plan.budget / GiB:.1f} GiB "
           f"(JAX's share {plan.fraction:.2f} of {plan.device_memory / GiB:.1f} GiB). Largest term: {name} "

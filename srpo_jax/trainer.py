@@ -237,10 +237,42 @@ def _process_engine(cfg: Config, graphdef, params, tokenizer, mesh, version: int
     export_fn(params, first)
   python = {"python": cfg.rollout.sglang_python} if cfg.rollout.sglang_python else {}
   r = cfg.rollout
-  return SGLangEngine(first, url=r.sglang_url, server_args=list(r.sglang_args), export_fn=export_fn,
+  server_args = list(r.sglang_args) if r.sglang_url else owned_sglang_args(cfg, jax.local_devices())
+  return SGLangEngine(first, url=r.sglang_url, server_args=server_args, export_fn=export_fn,
                       run_dir=weights_dir, initial_version=version, vocab_size=int(params["embed"].shape[0]),
                       request_deadline_s=r.request_deadline_s, health_timeout_s=r.health_timeout_s,
                       max_retries=r.request_retries, **python)
+
+
+def owned_sglang_args(cfg: Config, devices) -> list[str]:
+  """rollout.sglang_args for a server this process launches: on GPUs, plus every GPU of the node as a data-parallel
+  rank and SGLang's memory sized beside JAX's preallocated share (`sglang_memory`; the user's own flags win).
+
+  The GPU's memory is JAX's pool (`bytes_limit`) over its share, the XLA_PYTHON_CLIENT_MEM_FRACTION `srpo_jax.run`
+  set. Raises when SGLang could not even start; warns when its KV pool holds fewer tokens than the step's rollouts
+  (they then run in waves: `python -m srpo_jax.plan` names a JAX share that holds them)."""
+  args = list(cfg.rollout.sglang_args)
+  if not devices or devices[0].platform != "gpu":
+    return args
+  from srpo_jax import plan
+  from srpo_jax.rollout import sglang_memory
+  stats = devices[0].memory_stats() or {}
+  fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", plan.SGLANG_JAX_MEM_FRACTION))
+  if not stats.get("bytes_limit"):
+    warnings.warn("SGLang: the GPU reports no memory statistics; launching with rollout.sglang_args unsized")
+    return args
+  q = plan.model_config(cfg, plan.TARGETS["h100x1"])
+  mem = sglang_memory.for_config(cfg, q, device_memory=int(stats["bytes_limit"] / fraction), jax_fraction=fraction,
+                                 gpus=len(devices), nodes=jax.process_count())
+  if not mem.starts:
+    raise RuntimeError(f"SGLang cannot start beside JAX: {mem.summary()}. Lower XLA_PYTHON_CLIENT_MEM_FRACTION "
+                       f"(JAX's share, now {fraction}) or use a smaller model")
+  if not mem.fits:
+    log.warning("%s: the step's rollouts run in waves; XLA_PYTHON_CLIENT_MEM_FRACTION=%.3f would hold them (if JAX's "
+                "programs fit there: python -m srpo_jax.plan)", mem.summary(), mem.jax_fraction_to_fit())
+  else:
+    log.info("%s", mem.summary())
+  return sglang_memory.owned_server_args(args, mem)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

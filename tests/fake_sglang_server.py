@@ -25,6 +25,8 @@ failure switches:
   --fake-trickle-after N      ...answer one byte a second (headers, then the body: a stalled network / proxy)
   --fake-bind-delay S         sleep S seconds before binding the port (SGLang binds only after loading the model), so
                               a port already taken fails late, with EADDRINUSE, as SGLang does
+  --dp-size N                 N data-parallel ranks: the sequences of a batch go to ranks in turn (round robin, as
+                              SGLang's DataParallelController); /get_model_info's fake_dp_sequences counts them
   --fake-corrupt KIND         every /generate output is broken: nan_logprob | pos_logprob | bad_entry | oob_token |
                               neg_token | empty | too_long
 Weights: tokens and logprobs also depend on a fingerprint of the *.safetensors files under the loaded model_path
@@ -107,6 +109,8 @@ class FakeState:
     self.started = time.monotonic()
     self.lock = threading.Lock()
     self.generate_requests = 0
+    self.dp_sequences = [0] * max(args.dp_size, 1)  # sequences each data-parallel rank generated
+    self.next_rank = 0
     self.salt = 0
     self.child: subprocess.Popen | None = None
 
@@ -141,7 +145,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
       self._send(200, {"model_path": st.model_path, "tokenizer_path": st.model_path, "is_generation": True,
                        "weight_version": st.weight_version, "fake_pid": os.getpid(),
                        "fake_child_pid": st.child.pid if st.child else None, "fake_weights_sha": st.weights,
-                       "fake_generate_requests": st.generate_requests})
+                       "fake_generate_requests": st.generate_requests, "fake_dp_sequences": st.dp_sequences})
     elif self.path == "/flush_cache":
       self._send(200, b"Cache flushed.\n")
     else:
@@ -209,6 +213,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
       with st.lock:
         st.salt += 1
         salt = st.salt
+        st.dp_sequences[st.next_rank] += 1
+        st.next_rank = (st.next_rank + 1) % len(st.dp_sequences)
       g = fake_generate(prompt, p, st.args.fake_vocab, salt, st.weights)
       meta = {"id": f"fake-{salt}", "finish_reason": g["finish_reason"], "prompt_tokens": len(prompt),
               "weight_version": st.weight_version, "completion_tokens": len(g["tokens"]), "cached_tokens": 0}
@@ -280,6 +286,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--fake-trickle-after", type=int, default=0)
   parser.add_argument("--fake-bind-delay", type=float, default=0.0)
   parser.add_argument("--fake-corrupt", default="")
+  # SGLang's data parallelism: one scheduler per rank, each request of a batch sent to the next rank in turn (its
+  # DataParallelController's round_robin); the fake counts the sequences each rank got (/get_model_info).
+  parser.add_argument("--dp-size", type=int, default=1)
   args, unknown = parser.parse_known_args(argv)
   state = FakeState(args)
   if args.fake_spawn_child:

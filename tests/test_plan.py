@@ -11,6 +11,7 @@ non-zero naming the state terms.
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -306,17 +307,31 @@ def test_cli_analytic_extrapolated_and_bad_inputs(tmp_path):
   assert run_plan("--config=configs/tiny.py", "--config.optim.micro_batch_size=7").returncode == plan.EXIT_BAD_INPUT
 
 
-def test_cli_analytic_on_a_gpu_target_needs_no_plugin(tmp_path):
+def test_cli_analytic_on_a_gpu_target_needs_no_plugin(tmp_path, monkeypatch):
   """The paper's 8B config on 8 × H100, analytically (no CUDA plugin in this venv): every program fits JAX's 43.5 GiB,
-  the teacher micro-batch's accumulate is the peak."""
+  the teacher micro-batch's accumulate is the peak; but SGLang's KV pool beside it (every other byte, sized by
+  `sglang_memory`) cannot hold the step's 256 rollouts of 2,048 + 8,192 tokens: exit 1, and no split of an H100
+  would. On an H200 JAX's default 55% leaves SGLang just short; the share the planner names holds both."""
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
   out = tmp_path / "plan.json"
   proc = run_plan("--config=configs/qwen3_8b.py", "--target=h100x8", "--analytic", f"--json={out}")
-  assert proc.returncode == plan.EXIT_FITS, proc.stderr[-3000:]
+  assert proc.returncode == plan.EXIT_DOES_NOT_FIT, proc.stderr[-3000:]
   res = json.loads(out.read_text())
   programs = {p["name"]: p for p in res["programs"]}
   assert set(programs) == {"accumulate_t", "apply", "ema"}
   assert max(programs.values(), key=lambda p: p["total"])["name"] == "accumulate_t"
   assert res["total"] <= res["budget"] == int(0.55 * 84942979072)
+  sg = res["sglang"]
+  assert not sg["fits"] and 0 < sg["kv_tokens"] < sg["need_tokens"] == 32 * 8 // 8 * (2048 + 8192)
+  assert "SGLang's KV pool on h100x8" in proc.stderr and "No split of this GPU holds both" in proc.stderr
+  assert "--dp-size 8" in proc.stdout and "refit: projected" in proc.stdout
+  proc = run_plan("--config=configs/qwen3_8b.py", "--target=h200x8", "--analytic")
+  assert proc.returncode == plan.EXIT_DOES_NOT_FIT
+  share = re.search(r"Would fit: XLA_PYTHON_CLIENT_MEM_FRACTION=([0-9.]+)", proc.stderr).group(1)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", share)
+  proc = run_plan("--config=configs/qwen3_8b.py", "--target=h200x8", "--analytic")
+  assert proc.returncode == plan.EXIT_FITS, proc.stderr[-3000:]
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
   # Without micro-batches (the whole 256-rollout mini-batch in one forward) it does not, and says what would.
   proc = run_plan("--config=configs/qwen3_8b.py", "--target=h100x8", "--analytic", "--config.optim.micro_batch_size=256")
   assert proc.returncode == plan.EXIT_DOES_NOT_FIT
@@ -327,15 +342,17 @@ def test_cli_mesh_layout_plans_n_nodes(tmp_path):
   """--mesh=configs/mesh/nodes.py:2 on h100x8: 2 nodes × 8 H100s (data 2 across them, fsdp 8 inside), the state per
   device of one node's, one rollout per device; the cpu target refuses a multi-process layout."""
   out = tmp_path / "plan.json"
+  short = "--config.rollout.max_new_tokens=1024"  # SGLang's KV pool beside JAX holds the step's rollouts
   proc = run_plan("--config=configs/qwen3_8b.py", "--mesh=configs/mesh/nodes.py:2", "--target=h100x8", "--analytic",
-                  f"--json={out}")
+                  f"--json={out}", short)
   assert proc.returncode == plan.EXIT_FITS, proc.stderr[-3000:]
   assert "2 nodes × 8 = 16 × NVIDIA H100" in proc.stdout and "--mesh=configs/mesh/nodes.py" in proc.stdout
   res = json.loads(out.read_text())
   assert (res["num_devices"], res["num_hosts"], res["mesh"]) == (16, 2, {"data": 2, "fsdp": 8, "tensor": 1})
   assert res["shapes"]["row_shards"] == 16 and res["shapes"]["teacher_rows"] == 16  # 16 rows: one per device
+  assert res["sglang"]["need_tokens"] == 16 * 8 // 8 * (2048 + 1024)  # each node's server samples half the prompts
   proc = run_plan("--config=configs/qwen3_8b.py", "--mesh=configs/mesh/8gpu.py", "--target=h100x8", "--analytic",
-                  f"--json={out}")
+                  f"--json={out}", short)
   assert proc.returncode == plan.EXIT_FITS, proc.stderr[-3000:]
   one_node = json.loads(out.read_text())
   assert res["state"] == one_node["state"]  # data parallelism across nodes does not shrink the state per device

@@ -254,10 +254,37 @@ def _hf_layout(x, kind: str, dtype):
   return _to_hf(kind, x.astype(dtype))
 
 
+_SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+  """A safetensors file written from the arrays' own buffers (safetensors' save_file first copies each into a bytes
+  object): the file save_file writes, byte for byte, when every tensor has one dtype (its order is then by name;
+  with several dtypes it sorts by dtype first, and save_file is used)."""
+  dtypes = {str(a.dtype) for a in tensors.values()}
+  if len(dtypes) != 1 or not dtypes <= set(_SAFETENSORS_DTYPES):
+    save_file(tensors, path, metadata=metadata)
+    return
+  names = sorted(tensors)
+  header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+  offset = 0
+  for name in names:
+    a = tensors[name]
+    header[name] = {"dtype": _SAFETENSORS_DTYPES[str(a.dtype)], "shape": list(a.shape),
+                    "data_offsets": [offset, offset + a.nbytes]}
+    offset += a.nbytes
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the format pads it
+  with open(path, "wb") as f:
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for name in names:
+      f.write(np.ascontiguousarray(tensors[name]).reshape(-1).view(np.uint8).data)
+
+
 def _write_shard(path: str, names: list[str], arrays: list[Any]) -> None:
   """Copies one shard's device arrays to the host and writes them as a safetensors file."""
-  tensors = {name: np.asarray(jax.device_get(a)) for name, a in zip(names, arrays)}
-  save_file(tensors, path, metadata={"format": "pt"})
+  write_safetensors(path, {name: np.asarray(jax.device_get(a)) for name, a in zip(names, arrays)}, {"format": "pt"})
 
 
 def export_workers(num_shards: int) -> int:
