@@ -224,7 +224,7 @@ def _process_engine(cfg: Config, graphdef, params, tokenizer, mesh, version: int
     buckets = {"prompt_buckets": cfg.rollout.length_buckets} if cfg.rollout.length_buckets else {}
     return JaxEngine((graphdef, params), eos_token_ids=eos_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
                      mesh=mesh, **buckets)
-  from srpo_jax.rollout.sglang_engine import SGLangEngine
+  from srpo_jax.rollout.sglang_engine import SGLangEngine, ram_exports_dir
 
   def export_fn(p, out_dir):  # SGLang reads bf16 HF weights; the trainer keeps its own (fp32) master copy
     hf_io.save_pretrained(nnx.merge(graphdef, p), out_dir, tokenizer=tokenizer, dtype="bfloat16")
@@ -238,7 +238,13 @@ def _process_engine(cfg: Config, graphdef, params, tokenizer, mesh, version: int
   python = {"python": cfg.rollout.sglang_python} if cfg.rollout.sglang_python else {}
   r = cfg.rollout
   server_args = list(r.sglang_args) if r.sglang_url else owned_sglang_args(cfg, jax.local_devices())
+  # Refit exports in RAM when the node has room for three (two kept, one being written): written at memory speed and
+  # reloaded from memory by the server. The server must see the path: it runs on this node (owned, or sglang_url local).
+  bf16_bytes = 2 * sum(int(x.size) for x in jax.tree.leaves(params))
+  local = r.sglang_url is None or r.sglang_url.split("//", 1)[-1].split(":")[0] in ("127.0.0.1", "localhost")
+  ram = ram_exports_dir(weights_dir, 3 * bf16_bytes) if local else None
   return SGLangEngine(first, url=r.sglang_url, server_args=server_args, export_fn=export_fn,
+                      exports_dir=ram, remove_exports_dir=ram is not None,
                       run_dir=weights_dir, initial_version=version, vocab_size=int(params["embed"].shape[0]),
                       request_deadline_s=r.request_deadline_s, health_timeout_s=r.health_timeout_s,
                       max_retries=r.request_retries, **python)

@@ -141,3 +141,28 @@ def test_projected_refit_is_export_plus_load():
   w = sm.weight_bytes(Qwen3Config.preset("8b"))
   assert sm.projected_refit_s(w, 2e9, 25e9) == pytest.approx(w / 2e9 + w / 25e9)
   assert math.isclose(sm.projected_refit_s(w), w / sm.MEASURED_EXPORT_BYTES_PER_S + w / sm.LOAD_BYTES_PER_S)
+
+
+def test_exports_in_ram_are_removed_at_close(tmp_path):
+  """A RAM-backed exports directory (`ram_exports_dir`: named after the run, None without room) holds the refits
+  and is emptied at start (a crashed run's leftovers) and removed when the engine closes."""
+  from srpo_jax.rollout import sglang_engine as se
+  root = tmp_path / "shm"
+  root.mkdir()
+  assert se.ram_exports_dir(tmp_path / "run", 1 << 62, root=str(root)) is None  # no room
+  assert se.ram_exports_dir(tmp_path / "run", 1, root=str(tmp_path / "missing")) is None
+  ram = se.ram_exports_dir(tmp_path / "run", 1, root=str(root))
+  assert ram.parent == root and ram == se.ram_exports_dir(tmp_path / "run", 1, root=str(root))
+  assert ram != se.ram_exports_dir(tmp_path / "other", 1, root=str(root))
+  (ram / "v00000007").mkdir(parents=True)  # left by a crashed run
+
+  def export(params, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    open(os.path.join(out_dir, "w.safetensors"), "w").write(str(params))
+
+  with fake_engine(tmp_path, vocab=32, export_fn=export, exports_dir=ram, remove_exports_dir=True) as eng:
+    assert not ram.exists()
+    eng.update_weights("a", 1)
+    assert eng.get_model_info()["model_path"] == str(ram / "v00000001")
+    assert sorted(os.listdir(ram)) == ["v00000001"]
+  assert not ram.exists()

@@ -121,7 +121,7 @@ def test_attached_server_session_weights_pushed_and_signals_honoured(tmp_path, o
     tr = trainer_lib.Trainer(cfg, tokenizer=tok, task=coin_task(cfg, tok))
     mine = _fingerprint_of(tr, tmp_path / "mine0")
     info = _info(url)
-    assert info["weight_version"] == "0" and info["model_path"] == str(run_dir / "weights" / "v00000000")
+    assert info["weight_version"] == "0" and info["model_path"] == str(tr.engine.exports_dir / "v00000000")
     assert info["fake_weights_sha"] == mine != other
 
     # 2. Step 0 (/generate #1) completes; step 1's request (#2) hangs; SIGTERM.
@@ -148,7 +148,7 @@ def test_attached_server_session_weights_pushed_and_signals_honoured(tmp_path, o
     assert tr.step == 1
     mine = _fingerprint_of(tr, tmp_path / "mine1")
     info = _info(url)
-    assert info["weight_version"] == "1" and info["model_path"] == str(run_dir / "weights" / "v00000001")
+    assert info["weight_version"] == "1" and info["model_path"] == str(tr.engine.exports_dir / "v00000001")
     assert info["fake_weights_sha"] == mine != other
 
     # 5. SIGINT just before the jitted update of step 1 is compiled and run.

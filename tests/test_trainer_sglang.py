@@ -39,7 +39,10 @@ def fake_server(tmp_path):
   proc.wait()
 
 
-def test_trainer_refits_sglang_every_step(tmp_path, fake_server):
+def test_trainer_refits_sglang_every_step(tmp_path, fake_server, monkeypatch):
+  # Exports on disk under run_dir, to be read after the run (in /dev/shm they are removed when the engine closes).
+  from srpo_jax.rollout import sglang_engine
+  monkeypatch.setattr(sglang_engine, "ram_exports_dir", lambda *a, **k: None)
   run_dir = tmp_path / "run"
   cfg = fast_config(run_dir, **{"algo.name": "grpo", "rollout.engine": "sglang", "rollout.sglang_url": fake_server})
   tok = load_tokenizer()

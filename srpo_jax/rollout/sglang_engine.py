@@ -290,6 +290,19 @@ def _kill_group(proc: subprocess.Popen, grace_s: float) -> None:
     log.error("process %d survived SIGKILL of its group", proc.pid)
 
 
+def ram_exports_dir(run_dir: str | os.PathLike, needed_bytes: int, root: str = "/dev/shm") -> pathlib.Path | None:
+  """A directory for a run's weight exports in RAM (`root`, a tmpfs: the server reloads from memory, and writing
+  there skips the disk), named after the run directory; None when `root` is missing or has not `needed_bytes` free."""
+  try:
+    st = os.statvfs(root)
+  except OSError:
+    return None
+  if st.f_bavail * st.f_frsize < needed_bytes:
+    return None
+  tag = hashlib.blake2b(str(pathlib.Path(run_dir).resolve()).encode(), digest_size=6).hexdigest()
+  return pathlib.Path(root) / f"srpo_jax-exports-{os.getuid()}-{tag}"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The engine.
 # ---------------------------------------------------------------------------------------------------------------------
@@ -320,6 +333,8 @@ class SGLangEngine(RolloutEngine):
       request fills SGLang's running batch, a second one keeps it full while the first one's longest rows finish).
     send_seeds: send per-sample `sampling_seed`s (default: iff `--enable-deterministic-inference` is in server_args).
     keep_exports: exported weight directories kept on disk (the newest ones).
+    exports_dir: where the exports go (default `run_dir/weights`), e.g. a RAM-backed directory (`ram_exports_dir`);
+      with `remove_exports_dir`, the engine empties it first and removes it on `close()`.
     install_signal_handlers: on SIGTERM / SIGINT, kill the server, then run the previous handler.
   """
 
@@ -330,6 +345,7 @@ class SGLangEngine(RolloutEngine):
                python: str = sys.executable, launch_cmd: Sequence[str] | None = None, initial_version: int = 0,
                vocab_size: int | None = None, max_batch_size: int = 256, max_concurrency: int = 2,
                send_seeds: bool | None = None, keep_exports: int = 2, install_signal_handlers: bool = True,
+               exports_dir: str | os.PathLike | None = None, remove_exports_dir: bool = False,
                kill_grace_s: float = 10.0):
     if max_retries < 0 or max_batch_size < 1 or max_concurrency < 1 or keep_exports < 1:
       raise ValueError(f"SGLangEngine: need max_retries >= 0, max_batch_size >= 1, max_concurrency >= 1, "
@@ -352,6 +368,10 @@ class SGLangEngine(RolloutEngine):
     self.max_batch_size = int(max_batch_size)
     self.max_concurrency = int(max_concurrency)
     self.keep_exports = int(keep_exports)
+    self.exports_dir = pathlib.Path(exports_dir) if exports_dir is not None else self.run_dir / "weights"
+    self._remove_exports_dir = bool(remove_exports_dir and exports_dir is not None)
+    if self._remove_exports_dir:
+      shutil.rmtree(self.exports_dir, ignore_errors=True)  # a crashed run's leftovers (RAM, in /dev/shm)
     self.kill_grace_s = float(kill_grace_s)
     self.send_seeds = ("--enable-deterministic-inference" in self._server_cli) if send_seeds is None else send_seeds
     self.launch_cmd = list(launch_cmd) if launch_cmd is not None else [python, "-m", "sglang.launch_server"]
@@ -425,7 +445,7 @@ class SGLangEngine(RolloutEngine):
     return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
   def update_weights(self, params: Any, version: int) -> None:
-    """Exports `params` to `run_dir/weights/v{version}` and makes the server load them, tagged `version`."""
+    """Exports `params` to `exports_dir/v{version}` and makes the server load them, tagged `version`."""
     if self._closed:
       raise SGLangError("SGLangEngine.update_weights called after close()")
     if self.export_fn is None:
@@ -505,6 +525,8 @@ class SGLangEngine(RolloutEngine):
         self._lock.release()
     if proc is not None:
       _kill_group(proc, self.kill_grace_s)
+    if self._remove_exports_dir:
+      shutil.rmtree(self.exports_dir, ignore_errors=True)
     self._restore_signal_handlers()
     atexit.unregister(self.close)
 
@@ -688,7 +710,7 @@ class SGLangEngine(RolloutEngine):
 
   def _export(self, params: Any, version: int) -> pathlib.Path:
     """Writes the checkpoint into a temporary dir, then renames it, so the server never reads a half-written one."""
-    out_dir = self.run_dir / "weights" / f"v{version:08d}"
+    out_dir = self.exports_dir / f"v{version:08d}"
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
     for d in (tmp_dir, out_dir):
       if d.exists():
