@@ -5,9 +5,13 @@
 #
 # CHECKPOINT_DIR is a Hugging Face directory (config.json, tokenizer, *.safetensors), e.g. Qwen/Qwen3-8B downloaded,
 # or a directory the trainer exported. PORT defaults to 30000. Environment knobs:
-#   TP=1               tensor-parallel GPUs (--tp-size)
-#   MEM_FRACTION=0.80  GPU memory for weights + KV cache (--mem-fraction-static); lower it when the trainer shares
-#                      the GPU with the server
+#   TP=1               tensor-parallel GPUs per data-parallel rank (--tp-size)
+#   DP=<GPUs / TP>     data-parallel ranks (--dp-size): by default every GPU of the node (nvidia-smi -L) serves
+#                      rollouts; SGLang's router spreads the requests over them
+#   MEM_FRACTION=0.80  GPU memory for weights + KV cache (--mem-fraction-static), a share of the memory free when the
+#                      server starts. Beside the trainer on the same GPUs, started before it: `python -m
+#                      srpo_jax.plan --config=... --target=...` prints the value ("a server started before the
+#                      trainer: --mem-fraction-static X"), which leaves JAX its share
 #   HOST=127.0.0.1     bind address (keep it local: the server has no authentication unless you pass --api-key)
 #   WEIGHT_VERSION=0   the version the trainer will expect in meta_info.weight_version for these weights
 #   DETERMINISTIC=1    add --enable-deterministic-inference when this SGLang has it (batch-invariant kernels; needed
@@ -18,7 +22,7 @@
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
-  sed -n '2,20p' "$0" >&2
+  sed -n '2,21p' "$0" >&2
   exit 2
 fi
 CKPT="$1"; shift
@@ -30,11 +34,17 @@ if [[ ! -f "$CKPT/config.json" ]]; then
 fi
 
 PY="${PYTHON:-python}"
+TP="${TP:-1}"
+if [[ -z "${DP:-}" ]]; then
+  GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  DP=$(( GPUS >= TP && GPUS > 0 ? GPUS / TP : 1 ))
+fi
 ARGS=(
   --model-path "$CKPT"
   --host "${HOST:-127.0.0.1}"
   --port "$PORT"
-  --tp-size "${TP:-1}"
+  --tp-size "$TP"
+  --dp-size "$DP"
   # Sample in bf16, the dtype the trainer's weights are exported in.
   --dtype bfloat16
   --mem-fraction-static "${MEM_FRACTION:-0.80}"

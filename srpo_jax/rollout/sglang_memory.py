@@ -12,7 +12,7 @@ SGLang 0.5.23 sizes its KV pool from the memory FREE when it starts (`distribute
 and leaves the slack pre × (1 - mem_fraction_static) to activations, CUDA graphs and workspaces. JAX preallocates its
 share first (`XLA_PYTHON_CLIENT_MEM_FRACTION` × total memory: `plan.jax_memory_fraction`), so
 
-  pre = total × (1 - JAX's share) - JAX's memory outside its pool (CUDA context, NCCL buffers).
+  pre = total × (1 - JAX's share) - JAX's memory outside its pool (CUDA context, NCCL buffers) - SGLang's context.
 
 The trainer therefore sets mem_fraction_static = 1 - headroom / pre: the slack is SGLang's own activation and graph
 reserve (`headroom_bytes`, SGLang's formula for the chunked-prefill size we pass) and every other byte JAX leaves
@@ -39,6 +39,8 @@ CHUNKED_PREFILL_TOKENS = 2048
 _GRAPH_RESERVE_MIB = 2 * 512 + 8 * 32
 # JAX's device memory outside its preallocated pool: the CUDA context (~0.5 GiB on Hopper) and NCCL's buffers.
 JAX_OUTSIDE_POOL_BYTES = 1 * 2**30
+# SGLang's own CUDA context and process group, taken before it measures `pre`.
+SGLANG_CONTEXT_BYTES = 3 * 2**28
 KV_DTYPE_BYTES = 2  # bf16 KV cache (SGLang's default: the model's dtype; the trainer exports bf16)
 WEIGHT_DTYPE_BYTES = 2  # bf16 weights (trainer.build_engine's export)
 
@@ -108,18 +110,28 @@ class SGLangMemory:
     return ["--dp-size", str(self.dp), "--tp-size", str(self.tp), "--mem-fraction-static",
             f"{self.mem_fraction_static:.3f}", "--chunked-prefill-size", str(CHUNKED_PREFILL_TOKENS)]
 
+  def mem_fraction_static_first(self) -> float:
+    """--mem-fraction-static for a server started BEFORE the trainer on the same GPUs (launch/sglang_server.sh under
+    launch/slurm.sbatch): SGLang then measures the whole GPU as free, and must leave JAX its share, so its weights
+    and KV pool are the same bytes as an owned server's."""
+    whole = self.device_memory - SGLANG_CONTEXT_BYTES
+    return math.floor((self.weights + max(self.kv_bytes, 0)) / whole * 1000) / 1000
+
   def jax_fraction_to_fit(self) -> float:
     """The largest JAX share (XLA_PYTHON_CLIENT_MEM_FRACTION) with which the KV pool holds the step's rollouts."""
-    sglang = self.weights + self.need_tokens * self.kv_per_token + self.headroom + JAX_OUTSIDE_POOL_BYTES
+    sglang = (self.weights + self.need_tokens * self.kv_per_token + self.headroom + JAX_OUTSIDE_POOL_BYTES
+              + SGLANG_CONTEXT_BYTES)
     return math.floor((1 - sglang / self.device_memory) * 1000) / 1000
 
   def summary(self) -> str:
     return (f"SGLang per GPU (owned, {' '.join(self.cli())}): share {self.share:.2f} = "
             f"{self.free_at_start / GiB:.1f} GiB free at its start (JAX {self.jax_fraction:.2f} × "
-            f"{self.device_memory / GiB:.1f} GiB + {JAX_OUTSIDE_POOL_BYTES / GiB:.1f} GiB outside JAX's pool); weights "
+            f"{self.device_memory / GiB:.1f} GiB + {JAX_OUTSIDE_POOL_BYTES / GiB:.1f} GiB outside JAX's pool, "
+            f"{SGLANG_CONTEXT_BYTES / GiB:.2f} GiB SGLang's context); weights "
             f"{self.weights / GiB:.2f} GiB, headroom {self.headroom / GiB:.2f} GiB, KV "
             f"{max(self.kv_bytes, 0) / GiB:.2f} GiB = {max(self.kv_tokens, 0):,} tokens of {self.kv_per_token:,} B; the step's rollouts need "
-            f"{self.need_tokens:,} tokens per server ({self.need_tokens * self.kv_per_token / GiB:.1f} GiB)")
+            f"{self.need_tokens:,} tokens per server ({self.need_tokens * self.kv_per_token / GiB:.1f} GiB); a server started "
+            f"before the trainer: --mem-fraction-static {self.mem_fraction_static_first():.3f}")
 
 
 def plan(q, *, device_memory: int, jax_fraction: float, gpus: int, prompts_per_step: int, n: int, max_prompt: int,
@@ -131,7 +143,7 @@ def plan(q, *, device_memory: int, jax_fraction: float, gpus: int, prompts_per_s
   dp = gpus // tp
   weights = weight_bytes(q) // tp
   cell = kv_bytes_per_token(q, tp)
-  pre = int(device_memory * (1 - jax_fraction)) - JAX_OUTSIDE_POOL_BYTES
+  pre = int(device_memory * (1 - jax_fraction)) - JAX_OUTSIDE_POOL_BYTES - SGLANG_CONTEXT_BYTES
   headroom = headroom_bytes(tp)
   # Rounded down: the slack pre × (1 - f) is at least the headroom.
   fraction = math.floor((1 - headroom / pre) * 1000) / 1000 if pre > headroom else 0.0
