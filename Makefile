@@ -13,23 +13,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $@
 
-# A second environment with JAX's CUDA plugin, for compiling GPU programs without a GPU (srpo_jax.plan, the
-# deviceless test tests/test_plan.py runs through tests/aot_worker.py). Kept apart: in .venv the CUDA plugin would
-# make JAX look for a GPU, and the CPU demo and tests must run on the CPU build.
+# A second environment with JAX's CUDA plugin and libtpu, for compiling GPU and TPU programs without the device
+# (srpo_jax.plan, the deviceless tests tests/test_plan.py runs through tests/aot_worker.py). Kept apart: in .venv the
+# CUDA plugin would make JAX look for a GPU, and the CPU demo and tests must run on the CPU build.
 AOT_VENV := .venv-aot
 AOT_STAMP := $(AOT_VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 $(AOT_STAMP): pyproject.toml
 	test -x $(AOT_VENV)/bin/python || $(PY) -m venv $(AOT_VENV)
 	$(AOT_VENV)/bin/pip install -q --upgrade pip
-	$(AOT_VENV)/bin/pip install -q -e '.[gpu]'
+	$(AOT_VENV)/bin/pip install -q -e '.[gpu,tpu]'
 	rm -f $(AOT_VENV)/.installed-* && touch $@
 
 .PHONY: install aot-env plan demo test compare bench clean
 install: $(STAMP)
 aot-env: $(AOT_STAMP)
 
-# make plan CONFIG=configs/qwen3_8b.py TARGET=h100x8: will the run fit? (srpo_jax/plan.py; deviceless compile)
+# make plan CONFIG=configs/qwen3_8b.py TARGET=h100x8 (or v5p-8, v6e-8, ...): will the run fit? (srpo_jax/plan.py;
+# deviceless compile)
 CONFIG ?= configs/qwen3_8b.py
 TARGET ?= h100x8
 PLAN_ARGS ?=

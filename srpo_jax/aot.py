@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all")
 CUDNN_FMHA = "__cudnn$fmha"
+SPLASH = "splash_mha_"  # the names of Pallas splash attention's TPU kernels (fwd, dq, dkv) in their custom calls
 # One HLO instruction per match: `= <type> all-gather(` or the async `all-gather-start(`.
 _COLLECTIVE_RE = re.compile(r"\b(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 
@@ -63,6 +64,21 @@ def topology_devices(target_config_text: str, num_devices: int, num_hosts: int =
   return list(topo.devices)
 
 
+def libtpu_available() -> bool:
+  try:
+    import libtpu  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def tpu_topology_devices(topology_name: str):
+  """Abstract chips of a TPU slice (e.g. "v5p:2x2x1"), from libtpu's topology description: no TPU needed. Each
+  carries its host as process_index."""
+  from jax.experimental import topologies
+  return list(topologies.get_topology_desc(platform="tpu", topology_name=topology_name).devices)
+
+
 def make_mesh(devices, axis_sizes: Mapping[str, int]):
   import numpy as np
   from jax.sharding import Mesh
@@ -83,6 +99,11 @@ class ProgramSummary:
   collectives: dict[str, int]  # instruction counts in the optimised HLO
   cudnn_attention: bool
   compile_s: float
+  splash_attention: bool = False
+
+  @property
+  def attention_kernel(self) -> str:
+    return "cuDNN" if self.cudnn_attention else "splash" if self.splash_attention else "none"
 
   @property
   def peak_bytes(self) -> int:
@@ -103,7 +124,8 @@ def summarize(name: str, compiled, compile_s: float) -> ProgramSummary:
       name=name, argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
       alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes),
       code_bytes=int(mem.generated_code_size_in_bytes), xla_flops=float((cost or {}).get("flops", 0.0)),
-      collectives=counts, cudnn_attention=CUDNN_FMHA in text, compile_s=compile_s)
+      collectives=counts, cudnn_attention=CUDNN_FMHA in text, compile_s=compile_s,
+      splash_attention="tpu_custom_call" in text and SPLASH in text)
 
 
 def compile_lowered(name: str, lowered) -> tuple[Any, ProgramSummary]:

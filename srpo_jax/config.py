@@ -136,10 +136,10 @@ class ModelConfig:
   param_dtype: Literal[DTYPES] = _f("float32", "Storage dtype of the trainable parameters and the EMA teacher.")
   remat: bool = _f(False, "Rematerialise each decoder layer in the backward pass (saves activation memory at 8k "
                    "tokens).")
-  attention: Literal["auto", "naive", "blockwise", "cudnn"] = _f(
+  attention: Literal["auto", "naive", "blockwise", "cudnn", "splash"] = _f(
       "auto", "Attention implementation (srpo_jax.models.attention): auto = cuDNN flash attention on NVIDIA GPUs "
-      "for the trainer's right-padded forwards, blockwise online-softmax O(S·block) memory elsewhere; naive = the "
-      "[heads, S, S] reference.")
+      "for the trainer's right-padded forwards, Pallas splash attention on TPUs for full-sequence forwards, "
+      "blockwise online-softmax O(S) memory elsewhere; naive = the [heads, S, S] reference.")
 
   @property
   def qwen3_overrides(self) -> dict[str, Any]:

@@ -56,25 +56,49 @@ EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_BAD_INPUT = 0, 1, 2
 @dataclasses.dataclass(frozen=True)
 class Target:
   name: str
-  spec: Optional[str]  # GpuTargetConfig text file in srpo_jax/targets/; None = this machine's CPU
-  num_devices: int  # 0 = the local CPU devices
+  spec: Optional[str]  # GpuTargetConfig text file in srpo_jax/targets/; None = a TPU or this machine's CPU
+  num_devices: int  # GPUs per node, or TPU chips of the slice; 0 = the local CPU devices
+  # TPU slices: jax.experimental.topologies' topology name (libtpu gives its chips without a TPU), HBM per chip (Cloud
+  # TPU's system-architecture pages: v5p 95 GiB, v6e 32 GiB, v5e 16 GiB) and the slice's hosts.
+  tpu_topology: Optional[str] = None
+  hbm_gib: float = 0.0
+  hosts: int = 1
 
   @property
   def is_gpu(self) -> bool:
     return self.spec is not None
+
+  @property
+  def is_tpu(self) -> bool:
+    return self.tpu_topology is not None
+
+  @property
+  def platform(self) -> str:
+    """The platform its programs compile for (`Qwen3Config.platform`)."""
+    return "gpu" if self.is_gpu else "tpu" if self.is_tpu else "cpu"
+
+  @property
+  def is_accelerator(self) -> bool:
+    """A deviceless compile for devices this machine does not have."""
+    return self.is_gpu or self.is_tpu
 
   def config_text(self) -> str:
     with open(os.path.join(TARGETS_DIR, self.spec)) as f:
       return f.read()
 
   def device_memory_bytes(self, num_devices: int = 1) -> int:
-    """Memory of one device: the spec's device_memory_size, or this machine's RAM shared by its CPU devices."""
+    """Memory of one device: the spec's device_memory_size, a TPU chip's HBM, or this machine's RAM shared by its
+    CPU devices."""
+    if self.is_tpu:
+      return int(self.hbm_gib * GiB)
     if self.spec is None:
       return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(num_devices, 1)
     m = re.search(r"device_memory_size:\s*(\d+)", self.config_text())
     return int(m.group(1))
 
   def device_name(self) -> str:
+    if self.is_tpu:
+      return f"TPU {self.tpu_topology.split(':')[0]} ({self.hbm_gib:g} GiB HBM)"
     if self.spec is None:
       return "CPU"
     m = re.search(r'device_description_str:\s*"([^"]*)"', self.config_text())
@@ -86,11 +110,18 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("h100x2", "h100_sxm.txtpb", 2), Target("h100x1", "h100_sxm.txtpb", 1),
     Target("h200x8", "h200.txtpb", 8), Target("h20x8", "h20.txtpb", 8),
     Target("a100x8", "a100_sxm_80.txtpb", 8), Target("cpu", None, 0),
+    # Cloud TPU names count TensorCores: a v5p-8 is 4 chips (2 cores each); v6e-8 and v5e-8 are 8 single-core chips.
+    Target("v5p-8", None, 4, tpu_topology="v5p:2x2x1", hbm_gib=95), Target("v5p-16", None, 8, tpu_topology="v5p:2x2x2",
+                                                                           hbm_gib=95, hosts=2),
+    Target("v6e-8", None, 8, tpu_topology="v6e:2x4", hbm_gib=32), Target("v5e-8", None, 8, tpu_topology="v5e:2x4",
+                                                                          hbm_gib=16),
 )}
 
 
 def jax_memory_fraction(cfg, target: Target) -> tuple[float, str]:
   """JAX's share of each device's memory and where it comes from (the rest is SGLang's, or XLA's reserve)."""
+  if target.is_tpu:
+    return 1.0, "TPU: XLA owns the chip's HBM (no SGLang: rollouts use the JAX engine)"
   if not target.is_gpu:
     return 1.0, "CPU: no preallocation"
   env = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
@@ -131,12 +162,11 @@ def planning_config(raw) -> Any:
 
 
 def model_config(cfg, target: Target, layers: Optional[int] = None):
-  """The Qwen3Config the run builds (checkpoint config.json or preset), with the attention a GPU target uses."""
+  """The Qwen3Config the run builds (checkpoint config.json or preset), compiled for the target's platform (which
+  picks "auto" attention's kernel, as `trainer.build_model` does from the mesh's devices)."""
   from srpo_jax.models import qwen3
   m = cfg.model
-  kw = dict(m.qwen3_overrides)
-  if target.is_gpu and m.attention == "auto" and m.dtype in ("bfloat16", "float16"):
-    kw["attention"] = "cudnn"  # what "auto" picks on a GPU; a deviceless compile's host backend is the CPU
+  kw = dict(m.qwen3_overrides, platform=target.platform)
   q = (qwen3.Qwen3Config.preset(m.random_init, **kw) if m.random_init else qwen3.Qwen3Config.from_dir(m.path, **kw))
   if layers is not None:
     q = dataclasses.replace(q, num_hidden_layers=layers)
@@ -491,6 +521,7 @@ class ProgramPlan:
   analytic_flops: float
   collectives: dict[str, int] = dataclasses.field(default_factory=dict)
   cudnn_attention: Optional[bool] = None
+  attention_kernel: Optional[str] = None  # "cuDNN" | "splash" | "none" in the compiled program
   compile_s: Optional[float] = None
   argument_bytes: Optional[int] = None  # memory_analysis (cross-check of the state + inputs)
   what_if: bool = False  # not a program the trainer runs today (--prepare_rows): reported, not in the verdict
@@ -571,9 +602,17 @@ def make_plan(cfg, target: Target, *, config_name: str = "", analytic: bool = Fa
   import jax
   hosts = cfg.mesh.num_processes  # one process per node: the target is each node's GPUs (nodes × target)
   if hosts > 1 and not target.is_gpu:
-    raise RuntimeError(f"mesh.num_processes={hosts}: the cpu target plans this one process; use a GPU target (each "
-                       f"of the {hosts} nodes holds the target's GPUs, e.g. --target=h100x8)")
-  num_devices = target.num_devices * hosts if target.is_gpu else len(jax.devices("cpu"))
+    raise RuntimeError(f"mesh.num_processes={hosts}: the {target.name} target plans "
+                       + (f"its own {target.hosts} host(s)" if target.is_tpu else "this one process")
+                       + f"; use a GPU target (each of the {hosts} nodes holds the target's GPUs, e.g. --target=h100x8)"
+                       + (" or a larger TPU slice" if target.is_tpu else ""))
+  if target.is_tpu:
+    hosts = target.hosts
+    if cfg.rollout.engine == "sglang":  # srpo_jax's SGLang client serves GPUs: a TPU run samples with the JAX engine
+      cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, engine="jax"))
+      log(f"{target.name}: planned with rollout.engine=jax (the SGLang engine is for GPUs)")
+  num_devices = (target.num_devices * hosts if target.is_gpu else target.num_devices if target.is_tpu else
+                 len(jax.devices("cpu")))
   sizes = cfg.mesh.axis_sizes(num_devices)
   row_shards = sizes["data"] * sizes["fsdp"]
   shapes = Shapes.from_config(cfg, row_shards)
@@ -605,11 +644,16 @@ def make_plan(cfg, target: Target, *, config_name: str = "", analytic: bool = Fa
                        f"no compiler")
   if target.is_gpu:
     mesh = aot.make_mesh(aot.topology_devices(target.config_text(), num_devices, num_hosts=hosts), sizes)
+  elif target.is_tpu:
+    if not aot.libtpu_available():
+      raise RuntimeError(f"target {target.name}: the deviceless TPU compile needs libtpu: run `make aot-env` and use "
+                         f".venv-aot/bin/python (or pip install -e '.[tpu]'); --analytic needs no compiler")
+    mesh = aot.make_mesh(aot.tpu_topology_devices(target.tpu_topology), sizes)
   else:
     from srpo_jax import sharding
     mesh = sharding.make_mesh(**sizes, devices=jax.devices("cpu"))
   depths = tuple(layers) if layers else (q_full.num_hidden_layers,)
-  donate = target.is_gpu
+  donate = target.is_accelerator
   results: dict[int, dict[str, Any]] = {}
   for depth in depths:
     q = model_config(cfg, target, layers=depth)
@@ -656,13 +700,15 @@ def make_plan(cfg, target: Target, *, config_name: str = "", analytic: bool = Fa
     a_fl = (analytic_flops(q_full, _prepare_what_if(cfg, shapes, prepare_rows), num_devices)["prepare"] if what_if
             else fl.get(name, 0.0))
     plan.add_program(
-        name, inputs, temp, out, flops=a_fl if loops else float(value("flops")), analytic_flops=a_fl,
-        collectives=last.collectives, cudnn_attention=last.cudnn_attention,
+        name, inputs, temp, out, flops=a_fl if loops or target.is_tpu else float(value("flops")), analytic_flops=a_fl,
+        collectives=last.collectives, cudnn_attention=last.cudnn_attention, attention_kernel=last.attention_kernel,
         compile_s=sum(results[d][name]["summ"].compile_s for d in depths), argument_bytes=int(value("args")),
         what_if=what_if)
-    if loops:
+    if loops and not target.is_tpu:
       plan.notes.append(f"{name}: FLOPs analytic (its {loops} while loop(s) have a data-dependent exit, which the HLO "
                         f"count takes once)")
+  if target.is_tpu:  # TPU HLO writes matmuls as convolutions and splash as an opaque custom call
+    plan.notes.append("FLOPs analytic on a TPU target (the HLO count reads GPU programs' dots and cuDNN calls)")
   if prepare_rows:
     now = (f"the trainer calls it on {shapes.prep_rows}, a micro-batch" if shapes.prep_rows else
            "this config's trainer runs no prepare")
@@ -827,7 +873,8 @@ def format_plan(plan: Plan) -> str:
   where = (f"{hosts} nodes × {plan.num_devices // hosts} = {plan.num_devices} × {plan.device}" if hosts > 1 else
            f"{plan.num_devices} × {plan.device}")
   lines = [f"srpo_jax.plan: {plan.config} on {plan.target} ({where}; "
-           + ("deviceless compile, no GPU ran" if TARGETS[plan.target].is_gpu else "this machine's CPU") + ")"]
+           + (f"deviceless compile, no {TARGETS[plan.target].platform.upper()} ran"
+              if TARGETS[plan.target].is_accelerator else "this machine's CPU") + ")"]
   lines.append(f"model: D={q['hidden_size']} L={q['num_hidden_layers']} N={q['num_attention_heads']} "
                f"K={q['num_key_value_heads']} F={q['intermediate_size']} V={q['vocab_size']}, {q['dtype']} compute, "
                f"{q['param_dtype']} params, remat={q['remat']}, attention={q['attention']}; mesh "
@@ -864,8 +911,7 @@ def format_plan(plan: Plan) -> str:
             ("outputs (not in place)", lambda p: _g(p.outputs)), ("total (live state + the above)", lambda p: _g(p.total)),
             ("FLOPs per device per call (T)", lambda p: f"{p.flops / 1e12:.1f}"),
             ("  analytic (T)", lambda p: f"{p.analytic_flops / 1e12:.1f}"),
-            ("cuDNN flash attention", lambda p: "-" if p.cudnn_attention is None else
-             ("yes" if p.cudnn_attention else "no")),
+            ("attention kernel", lambda p: p.attention_kernel or "-"),
             ("compile s", lambda p: "-" if p.compile_s is None else f"{p.compile_s:.0f}")]
     for label, f in rows:
       lines.append(f"  {label:<34}" + "".join(f"{f(p):>14}" for p in plan.programs))

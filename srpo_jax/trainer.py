@@ -38,7 +38,7 @@ from srpo_jax.checkpointing import (Checkpointer, ConfigChanged, CorruptCheckpoi
 from srpo_jax.config import Config
 from srpo_jax.data import prompts as prompt_lib
 from srpo_jax.evaluation import evaluate
-from srpo_jax.models import hf_io
+from srpo_jax.models import attention, hf_io
 from srpo_jax.models.qwen3 import Qwen3, Qwen3Config, init_model
 from srpo_jax.rollout.engine import RolloutEngine, RolloutInterrupted, SamplingParams
 from srpo_jax.task import Task, load_task
@@ -183,10 +183,13 @@ def place_on_mesh(model: Qwen3, mesh) -> Qwen3:
 
 
 def build_model(cfg: Config, mesh=None) -> Qwen3:
+  """The configured model, placed on `mesh`, compiled for the platform of the mesh's devices (`Qwen3Config.platform`,
+  which picks "auto" attention's kernel)."""
   m = cfg.model
+  kw = dict(m.qwen3_overrides, platform=None if mesh is None else attention.platform_of(mesh.devices.flat[0]))
   if m.random_init:
-    return place_on_mesh(init_model(Qwen3Config.preset(m.random_init, **m.qwen3_overrides), seed=cfg.seed), mesh)
-  return hf_io.load_pretrained(m.path, mesh=mesh, **m.qwen3_overrides)
+    return place_on_mesh(init_model(Qwen3Config.preset(m.random_init, **kw), seed=cfg.seed), mesh)
+  return hf_io.load_pretrained(m.path, mesh=mesh, **kw)
 
 
 def initial_model(cfg: Config, tokenizer, mesh=None) -> Qwen3:

@@ -1,4 +1,5 @@
-"""Run with .venv-aot/bin/python (JAX's CUDA plugin, no GPU needed): tests/test_plan.py's deviceless checks.
+"""Run with .venv-aot/bin/python (JAX's CUDA plugin and libtpu, no GPU or TPU needed): tests/test_plan.py's deviceless
+checks. `python -m tests.aot_worker` compiles for H100s, `python -m tests.aot_worker tpu` for TPU v5p chips (below).
 
 Compiles a small Qwen3's real `accumulate` program on a teacher micro-batch (train_step.make_train_fns, SRPO: every
 row SDPO-routed beside its teacher row, gradients donated) for an 8 × H100 topology (mesh fsdp=8) and for one H100,
@@ -24,11 +25,13 @@ from srpo_jax.config import AlgoConfig  # noqa: E402
 from srpo_jax.models.qwen3 import Qwen3Config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A small Qwen3 shape (bf16 compute, fp32 parameters, remat, cuDNN attention): 8 rollouts of 512 positions (256
-# response), every one SDPO-routed with a 768-position teacher row.
-QCFG = Qwen3Config.preset("tiny", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=64, vocab_size=2048, dtype="bfloat16",
-                          param_dtype="float32", remat=True, attention="cudnn")
+# A small Qwen3 shape (bf16 compute, fp32 parameters, remat, "auto" attention compiled for the platform: cuDNN on
+# GPUs, splash on TPUs): 8 rollouts of 512 positions (256 response), every one SDPO-routed with a 768-position
+# teacher row. head_dim 128: a TPU lane's width, which splash's blocks need.
+QCFG = {platform: Qwen3Config.preset(
+    "tiny", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=64 if platform == "gpu" else 128, vocab_size=2048, dtype="bfloat16", param_dtype="float32", remat=True,
+    platform=platform) for platform in ("gpu", "tpu")}
 ROWS, PROMPT, RESP, TEACHER_PROMPT = 8, 256, 256, 512
 
 
@@ -45,17 +48,20 @@ class _Cfg:
     warmup_steps, weight_decay, b1, b2, eps, grad_clip = 0, 0.01, 0.9, 0.999, 1e-8, 1.0
 
 
-def compile_programs(num_devices: int):
-  """The planner's own `build_programs` on the worker's shapes: accumulate_t and apply (on-policy: no prepare)."""
-  mesh = aot.make_mesh(aot.topology_devices(plan.TARGETS["h100x8"].config_text(), num_devices),
-                       {"data": 1, "fsdp": num_devices, "tensor": 1})
-  model = plan.Model.build(_Cfg, QCFG, mesh)
+def compile_programs(num_devices: int, platform: str = "gpu"):
+  """The planner's own `build_programs` on the worker's shapes: accumulate_t and apply (on-policy: no prepare), for
+  num_devices H100s or chips of a TPU v5p-8 slice."""
+  devices = (aot.topology_devices(plan.TARGETS["h100x8"].config_text(), num_devices) if platform == "gpu" else
+             aot.tpu_topology_devices(plan.TARGETS["v5p-8"].tpu_topology)[:num_devices])
+  mesh = aot.make_mesh(devices, {"data": 1, "fsdp": num_devices, "tensor": 1})
+  qcfg = QCFG[platform]
+  model = plan.Model.build(_Cfg, qcfg, mesh)
   s = PROMPT + RESP
   shapes = plan.Shapes(row_shards=num_devices, prompt=PROMPT, resp=RESP, seq=s, teacher_seq=TEACHER_PROMPT + RESP,
                        budget_mode=False, micro_rows=ROWS, teacher_rows=ROWS, micro_batches=1, prep_rows=0,
                        sampler_rows=0, sampler_prompt=0, sampler_new=0)
   progs = {p.name: p for p in plan.build_programs(_Cfg, model, shapes, mesh, donate=True)}
-  bounds = plan.analytic_activations(QCFG, shapes, num_devices, 1)
+  bounds = plan.analytic_activations(qcfg, shapes, num_devices, 1)
   state = model.state_bytes()
   batch = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
       plan.abstract_micro_batch(ROWS, s, RESP, TEACHER_PROMPT + RESP))) // num_devices
@@ -63,7 +69,8 @@ def compile_programs(num_devices: int):
   for name in (plan.ACCUMULATE_T, "apply") if num_devices > 1 else (plan.ACCUMULATE_T,):
     compiled, summ = aot.compile_lowered(name, progs[name].lower())
     flops = aot.hlo_flops(compiled.as_text())
-    out[name] = {"cudnn_attention": summ.cudnn_attention, "collectives": summ.collectives,
+    out[name] = {"cudnn_attention": summ.cudnn_attention, "splash_attention": summ.splash_attention,
+                 "xla_flops": summ.xla_flops, "collectives": summ.collectives,
                  "flops": flops.total, "attention_flops": flops.attention, "temp_bytes": summ.temp_bytes,
                  "analytic_bound": bounds[name], "unknown_trip_counts": flops.unknown_trip_counts,
                  "argument_bytes": summ.argument_bytes, "alias_bytes": summ.alias_bytes,
@@ -72,8 +79,38 @@ def compile_programs(num_devices: int):
   return out
 
 
+def blockwise_temporaries(layers: int, right_padded: bool, tokens: int = 10_240) -> int:
+  """Temporaries of Qwen3-8B's `hidden_states` forward + backward (bf16 compute, fp32 parameters, remat, blockwise
+  attention), one row of `tokens` per device on 8 H100s (fsdp 8), traced under the mesh as the train step is."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from srpo_jax import sharding
+  from srpo_jax.models import qwen3
+  mesh = aot.make_mesh(aot.topology_devices(plan.TARGETS["h100x8"].config_text(), 8), {"data": 1, "fsdp": 8, "tensor": 1})
+  q = qwen3.Qwen3Config.preset("8b", num_hidden_layers=layers, dtype="bfloat16", remat=True, attention="blockwise",
+                               platform="gpu")
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: qwen3.Qwen3(q, rngs=nnx.Rngs(0))))
+  psh, rows = sharding.state_shardings(params, mesh), sharding.batch_sharding(mesh, 2)
+
+  def loss(params, ids, mask):
+    h = nnx.merge(graphdef, params).hidden_states(ids, mask, right_padded=right_padded)
+    return jnp.sum(h.astype(jnp.float32) ** 2)
+
+  grad = jax.jit(jax.grad(loss), in_shardings=(psh, rows, rows), out_shardings=psh)
+  with jax.set_mesh(mesh):
+    lowered = grad.lower(params, jax.ShapeDtypeStruct((8, tokens), jnp.int32), jax.ShapeDtypeStruct((8, tokens), bool))
+  return int(lowered.compile().memory_analysis().temp_size_in_bytes)
+
+
 def main():
+  if sys.argv[1:] == ["tpu"]:
+    out = {str(n): compile_programs(n, "tpu") for n in (1, 4)}
+    out["v5p-16_hosts"] = [d.process_index for d in aot.tpu_topology_devices(plan.TARGETS["v5p-16"].tpu_topology)]
+    print("RESULT " + json.dumps(out))
+    return 0
   out = {str(n): compile_programs(n) for n in (1, 8)}
+  out["blockwise_8b"] = {f"{layers},{int(rp)}": blockwise_temporaries(layers, rp) for layers in (2, 4)
+                         for rp in (False, True)}
   out["two_hosts"] = [d.process_index for d in aot.topology_devices(plan.TARGETS["h100x8"].config_text(), 16, 2)]
   proc = subprocess.run([sys.executable, "-m", "srpo_jax.plan", "--config=configs/qwen3_8b.py", "--target=h100x1",
                          "--config.mesh.fsdp=1"], cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -58,6 +58,26 @@ def test_blockwise_on_cache_slots_equals_naive():
     np.testing.assert_allclose(out_b, out_n, atol=1e-5)
 
 
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+def test_splash_interpret_equals_naive_and_blockwise(padding):
+  """Pallas splash attention in its reference mode (the interpreter on CPU): the valid queries' outputs and every
+  gradient (the padding queries carry no loss) equal the naive and blockwise attention's."""
+  q, k, v, masks = _inputs(4)
+  valid = jnp.asarray(masks[padding])
+  slots = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+  cot = jnp.where(valid[:, :, None, None], jnp.asarray(np.random.default_rng(5).normal(size=q.shape), jnp.float32), 0)
+  fns = {"naive": lambda q, k, v: A.naive_attention(q, k, v, slots, valid),
+         "blockwise": lambda q, k, v: A.blockwise_attention(q, k, v, slots, valid, block=4, query_block=6),
+         "splash": lambda q, k, v: A.splash_attention(q, k, v, valid, interpret=True)}
+  outs = {name: np.where(np.asarray(valid)[:, :, None, None], f(q, k, v), 0) for name, f in fns.items()}
+  grads = {name: jax.grad(lambda *a, f=f: jnp.sum(f(*a) * cot), argnums=(0, 1, 2))(q, k, v) for name, f in fns.items()}
+  assert bool(jnp.all(jnp.isfinite(fns["splash"](q, k, v))))
+  for ref in ("naive", "blockwise"):
+    np.testing.assert_allclose(outs["splash"], outs[ref], atol=1e-5)
+    for a, b in zip(grads["splash"], grads[ref]):
+      np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_select():
   assert A.select("auto", right_padded=False, query_len=8) == "blockwise"
   assert A.select("auto", right_padded=True, query_len=1) == "naive"
@@ -70,8 +90,40 @@ def test_select():
   # cuDNN flash attention takes bf16/fp16 only: a float32 model on a GPU runs blockwise.
   assert A.select("auto", right_padded=True, query_len=8, platform="gpu", dtype=jnp.float32) == "blockwise"
   assert A.select("cudnn", right_padded=True, query_len=8, platform="gpu", dtype=jnp.float16) == "cudnn"
+  # TPUs: splash for a full-sequence forward whatever its padding; the sampler's prefill (a cache) and decode not.
+  assert A.select("auto", right_padded=False, query_len=8, platform="tpu", self_attention=True) == "splash"
+  assert A.select("auto", right_padded=True, query_len=8, platform="tpu", self_attention=True) == "splash"
+  assert A.select("auto", right_padded=False, query_len=8, platform="tpu") == "blockwise"
+  assert A.select("auto", right_padded=False, query_len=1, platform="tpu", self_attention=True) == "naive"
+  assert A.select("auto", right_padded=True, query_len=8, platform="gpu", self_attention=True) == "cudnn"
+  assert A.select("splash", right_padded=False, query_len=8, platform="cpu", self_attention=True) == "splash"
   with pytest.raises(ValueError, match="attention implementation"):
     A.select("flash", right_padded=False, query_len=8)
+
+
+def test_platform_is_a_parameter_of_the_model():
+  """A model compiled for a TPU takes splash (traced here on the CPU, as a deviceless compile traces), one for a GPU
+  takes cuDNN on its right-padded forward; the platform comes from the config, not the host's backend."""
+  import dataclasses
+  from flax import nnx
+  seen = []
+  real_select = A.select
+
+  def recording(*a, **kw):  # records the choice, then traces the reference (cuDNN's lowering needs cuDNN here)
+    seen.append(real_select(*a, **kw))
+    return "naive"
+
+  cfg = Qwen3Config.preset("tiny", num_hidden_layers=1, dtype="bfloat16")
+  ids, mask = jnp.zeros((2, 8), jnp.int32), jnp.ones((2, 8), bool)
+  for platform, want in (("tpu", "splash"), ("gpu", "cudnn"), ("cpu", "blockwise")):
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: init_model(dataclasses.replace(cfg, platform=platform))))
+    seen.clear()
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(A, "select", recording)
+      jax.eval_shape(lambda s: nnx.merge(graphdef, s).hidden_states(ids, mask, right_padded=True), state)
+    assert seen == [want], (platform, seen)
+  with pytest.raises(ValueError, match="platform='cuda'"):
+    Qwen3Config.preset("tiny", platform="cuda")
 
 
 def test_model_hidden_states_blockwise_equals_naive():

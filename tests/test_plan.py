@@ -407,6 +407,43 @@ def test_deviceless_h100_accumulate_program():
   assert acc["temp_bytes"] >= 0.25 * acc["analytic_bound"], acc
   assert apply["temp_bytes"] <= apply["analytic_bound"], apply
   assert res["two_hosts"] == [0] * 8 + [1] * 8  # a 2-node topology lists its devices node by node
+  # Blockwise attention is O(S) on the default call path too: Qwen3-8B's hidden_states fwd + bwd at 10,240 tokens
+  # per device grows by at most 0.4 GiB per layer (the layer input kept for remat is 0.08 GiB; 0.49 before queries
+  # were chunked), so 36 layers stay under 20 GiB of temporaries (13.5 GiB compiled at full depth; 21.8 before).
+  for right_padded in (0, 1):
+    two, four_layers = (res["blockwise_8b"][f"{n},{right_padded}"] for n in (2, 4))
+    per_layer = (four_layers - two) / 2
+    assert 0 < per_layer <= 0.4 * 2**30, per_layer / 2**30
+    assert two + 34 * per_layer <= 20 * 2**30, (two + 34 * per_layer) / 2**30
   h1 = res["h100x1_fsdp1"]
   assert h1["rc"] == plan.EXIT_DOES_NOT_FIT, h1
   assert "parameters" in h1["stderr_tail"] and "optimizer state" in h1["stderr_tail"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Deviceless: compiled for TPU v5p chips without a TPU (libtpu in the same venv)
+# ---------------------------------------------------------------------------------------------------------------------
+def test_deviceless_tpu_accumulate_program():
+  """The trainer's accumulate for 4 chips of a v5p-8 (fsdp 4) and for one chip: "auto" attention compiled for the TPU
+  is Pallas splash attention, each chip does a quarter of one chip's work, temporaries within the planner's bound."""
+  if not os.path.exists(AOT_PYTHON):
+    msg = f"{AOT_PYTHON} missing: `make aot-env` installs libtpu there (make test does)"
+    if os.environ.get("CI") == "true":
+      pytest.fail(msg)
+    pytest.skip(msg)
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  env.update(PYTHONPATH=REPO)
+  proc = subprocess.run([AOT_PYTHON, "-m", "tests.aot_worker", "tpu"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=1500)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  res = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
+  one, four = res["1"]["accumulate_t"], res["4"]["accumulate_t"]
+  assert one["splash_attention"] and four["splash_attention"]
+  assert not four["cudnn_attention"]
+  assert four["collectives"].get("all-gather", 0) > 0  # FSDP: the parameters are gathered, not replicated
+  # The batch is sharded: XLA's FLOPs per chip (splash's own not counted on either side) are a quarter of one chip's.
+  assert four["xla_flops"] / one["xla_flops"] == pytest.approx(0.25, rel=0.02)
+  planned = four["state_in"] + four["batch"]  # XLA's TPU layouts pad small arrays to their (8, 128) tiles
+  assert planned <= four["argument_bytes"] <= 1.01 * planned, four
+  assert four["temp_bytes"] <= four["analytic_bound"], four
+  assert res["v5p-16_hosts"] == [0] * 4 + [1] * 4  # a v5p-16 is 2 hosts of 4 chips

@@ -1,4 +1,5 @@
-"""Causal grouped-query attention, three ways: `naive` (the reference), `blockwise` (every backend) and `cudnn`.
+"""Causal grouped-query attention, four ways: `naive` (the reference), `blockwise` (every backend), `cudnn` (NVIDIA
+GPUs) and `splash` (TPUs).
 
 All three compute, per query q at slot `q_slot` and key at slot s,
 
@@ -17,11 +18,20 @@ real keys, which is what a finite mask fill gives (such rows carry no loss; the 
   bf16/fp16). It takes per-row sequence lengths, so it needs RIGHT-padded rows (valid tokens a prefix of each row,
   queries = keys = slots 0..S-1); callers say so with `right_padded=True`.
 
-`select(impl, right_padded, query_len, platform)` resolves the choice per call: "auto" is cuDNN on GPUs for
-right-padded full-sequence forwards, `naive` for a single decode query (its scores are only [B, N, 1, S]),
-`blockwise` otherwise; "cudnn" forces cuDNN wherever the layout allows it (right-padded forwards; the sampler's
-left-padded prefill falls back to blockwise, its decode to naive), which is how a deviceless compile for a GPU
-target (whose host backend is the CPU) asks for it.
+- `splash` is Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`): causal, GQA, the
+  padding given as segment ids (valid tokens 1, padding 0: a token attends only tokens of its own kind, so no row is
+  empty), S padded to its 128-multiple block. For the no-cache forward (keys = the queries' own positions, any
+  padding layout). It runs inside `jax.shard_map` over the mesh's row axes (a Pallas call is not partitioned by XLA).
+  Off TPU it runs in Pallas's interpreter (`interpret=True`), the reference mode the CPU tests compare. A padding
+  query averages the padding keys up to it instead of all keys (rows that carry no loss either way).
+
+`select(impl, right_padded, query_len, platform, self_attention)` resolves the choice per call: "auto" is cuDNN on
+GPUs for right-padded full-sequence forwards, splash on TPUs for full-sequence forwards, `naive` for a single decode
+query (its scores are only [B, N, 1, S]), `blockwise` otherwise. "cudnn" and "splash" force their kernel wherever the
+layout allows it (the sampler's prefill falls back to blockwise, its decode to naive). `platform` is the platform the
+program is compiled for (`Qwen3Config.platform`, which the trainer and the planner set from the mesh's devices), so
+that a deviceless compile for a GPU or TPU target, whose host backend is the CPU, takes that target's kernel; None
+means `jax.default_backend()`.
 
 Letters (srpo_jax/models/qwen3.py): B, S (key slots), N, K, H; locally Q query positions, R query heads per
 key/value head, J key blocks, I query chunks.
@@ -29,42 +39,59 @@ key/value head, J key blocks, I query chunks.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "naive", "blockwise", "cudnn")
+IMPLEMENTATIONS = ("auto", "naive", "blockwise", "cudnn", "splash")
+PLATFORMS = ("cpu", "gpu", "tpu")
 DEFAULT_BLOCK = 512
 DEFAULT_QUERY_BLOCK = 2048
 _MASKED = jnp.finfo(jnp.float32).min  # finite: a fully masked row averages its keys instead of producing NaN
 
 
+def platform_of(device) -> str:
+  """"cpu" | "gpu" | "tpu" of a device (a deviceless CUDA topology's devices say "cuda")."""
+  p = device.platform.lower()
+  return "gpu" if p in ("gpu", "cuda", "rocm") else p
+
+
 def select(impl: str, *, right_padded: bool, query_len: int, platform: str | None = None,
-           dtype=jnp.bfloat16) -> str:
-  """The implementation used for one call, given the requested one, the call's layout, the platform and the compute
-  dtype (cuDNN flash attention takes bf16/fp16 only: a float32 model on a GPU runs blockwise)."""
+           dtype=jnp.bfloat16, self_attention: bool = False) -> str:
+  """The implementation used for one call, given the requested one, the call's layout (`self_attention`: the keys
+  are the queries' own positions, no cache), the platform and the compute dtype (cuDNN flash attention takes
+  bf16/fp16 only: a float32 model on a GPU runs blockwise)."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {impl!r}: expected one of {IMPLEMENTATIONS}")
   if impl in ("naive", "blockwise"):
     return impl
   if query_len == 1:
     return "naive"
-  on_gpu = (platform or jax.default_backend()) == "gpu"
+  platform = platform or jax.default_backend()
+  if (impl == "splash" or (impl == "auto" and platform == "tpu")) and self_attention:
+    return "splash"
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  if right_padded and half and (impl == "cudnn" or on_gpu):
+  if right_padded and half and (impl == "cudnn" or (impl == "auto" and platform == "gpu")):
     return "cudnn"
   return "blockwise"
 
 
 def attention(q_BQNH, k_BSKH, v_BSKH, q_slots_BQ, kv_valid_BS, *, impl: str = "auto", right_padded: bool = False,
-              block: int = DEFAULT_BLOCK, query_block: int = DEFAULT_QUERY_BLOCK):
-  """Causal GQA attention output [B, Q, N, H] (see the module docstring); scores in float32, output in q's dtype."""
-  impl = select(impl, right_padded=right_padded, query_len=q_BQNH.shape[1], dtype=q_BQNH.dtype)
+              block: int = DEFAULT_BLOCK, query_block: int = DEFAULT_QUERY_BLOCK, platform: str | None = None,
+              self_attention: bool = False):
+  """Causal GQA attention output [B, Q, N, H] (see the module docstring); scores in float32, output in q's dtype.
+  With `self_attention` (no cache) q_slots_BQ must be the positions 0..S-1 of each row."""
+  impl = select(impl, right_padded=right_padded, query_len=q_BQNH.shape[1], platform=platform, dtype=q_BQNH.dtype,
+                self_attention=self_attention)
   if impl == "naive":
     return naive_attention(q_BQNH, k_BSKH, v_BSKH, q_slots_BQ, kv_valid_BS)
   if impl == "blockwise":
     return blockwise_attention(q_BQNH, k_BSKH, v_BSKH, q_slots_BQ, kv_valid_BS, block=block, query_block=query_block)
-  # >= 1: a micro-batch's padding rows are empty (no loss), and cuDNN has no defined output for a length-0 row.
+  if impl == "splash":
+    return splash_attention(q_BQNH, k_BSKH, v_BSKH, kv_valid_BS, interpret=(platform or jax.default_backend()) != "tpu")
+  # cuDNN has no defined output for a length-0 row (a micro-batch's padding rows): clamp to 1 (those rows carry no
+  # loss; their single visible key is padding).
   lengths_B = jnp.maximum(jnp.sum(kv_valid_BS, axis=1, dtype=jnp.int32), 1)
   return jax.nn.dot_product_attention(q_BQNH, k_BSKH.astype(q_BQNH.dtype), v_BSKH.astype(q_BQNH.dtype),
                                       is_causal=True, query_seq_lengths=lengths_B, key_value_seq_lengths=lengths_B,
@@ -207,3 +234,50 @@ def blockwise_attention(q_BQNH, k_BSKH, v_BSKH, q_slots_BQ, kv_valid_BS, *, bloc
     out_BKRIQH = jnp.moveaxis(out_IBKRQH, 0, 3)
     out_BKRQH = out_BKRIQH.reshape(out_BKRIQH.shape[:3] + (-1, h))[:, :, :, :nq]
   return jnp.einsum("BKRQH->BQKRH", out_BKRQH).reshape(b, nq, n, h).astype(q_BQNH.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Splash (Pallas, TPU)
+# ---------------------------------------------------------------------------------------------------------------------
+SPLASH_LANES = 128  # the TPU's lane width: splash blocks (and so the padded sequence) are multiples of it
+
+
+def _splash_kernel(num_heads: int, seq: int, interpret: bool):
+  """A causal splash-attention kernel over [N, seq, H] queries (GQA: keys and values [K, seq, H]), with the largest
+  block of 512, 256 or 128 that divides `seq` (a multiple of SPLASH_LANES)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  blk = next(b for b in (512, 256, SPLASH_LANES) if seq % b == 0)
+  sizes = splash.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                            block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+  mask = splash.MultiHeadMask([splash.CausalMask((seq, seq))] * num_heads)
+  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def splash_attention(q_BQNH, k_BSKH, v_BSKH, kv_valid_BS, *, interpret: bool = False):
+  """Pallas splash attention of a no-cache forward (query q at slot q; see the module docstring for padding).
+
+  Under a mesh context whose row axes ("data", "fsdp") split the batch, the kernel runs per device inside
+  `jax.shard_map` (rows split, heads whole); elsewhere it is called directly."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  from srpo_jax import sharding
+  b, s, n, h = q_BQNH.shape
+  pad = -s % SPLASH_LANES
+  kernel = _splash_kernel(n, s + pad, interpret)
+  dt = q_BQNH.dtype
+
+  def per_device(q_BQNH, k_BSKH, v_BSKH, valid_BS):
+    seq = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))  # [B, heads, S + pad, H]
+    segments_BS = jnp.pad(valid_BS.astype(jnp.int32), ((0, 0), (0, pad)))  # padding tail: its own segment (0)
+    one = lambda q, k, v, seg: kernel(q, k, v, segment_ids=splash.SegmentIds(q=seg, kv=seg))
+    out = jax.vmap(one)(seq(q_BQNH * jnp.asarray(h ** -0.5, dt)), seq(k_BSKH.astype(dt)), seq(v_BSKH.astype(dt)),
+                        segments_BS)
+    return jnp.swapaxes(out[:, :, :s], 1, 2).astype(dt)  # [B, S, N, H]
+
+  mesh = jax.sharding.get_abstract_mesh()
+  rows = sharding.ROW_AXES
+  if mesh.empty or not set(rows) <= set(mesh.axis_names) or b % math.prod(mesh.shape[a] for a in rows):
+    return per_device(q_BQNH, k_BSKH, v_BSKH, kv_valid_BS)
+  from jax.sharding import PartitionSpec as P
+  spec = P(rows)
+  return jax.shard_map(per_device, in_specs=(spec, spec, spec, spec), out_specs=spec, check_vma=False)(
+      q_BQNH, k_BSKH, v_BSKH, kv_valid_BS)

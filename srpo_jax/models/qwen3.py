@@ -44,7 +44,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Optional
 
 import flax.struct
 import jax
@@ -94,6 +94,10 @@ class Qwen3Config:
   attention: str = "auto"
   attention_block: int = attention_lib.DEFAULT_BLOCK
   attention_query_block: int = attention_lib.DEFAULT_QUERY_BLOCK
+  # The platform the programs are compiled for ("cpu" | "gpu" | "tpu"; None = jax.default_backend() when traced): it
+  # picks "auto" attention's kernel. The trainer and the planner set it from the mesh's devices, so a deviceless compile
+  # for a GPU or TPU target takes that target's kernel.
+  platform: Optional[str] = None
 
   def __post_init__(self):
     if self.num_attention_heads % self.num_key_value_heads:
@@ -104,6 +108,8 @@ class Qwen3Config:
     as_dtype(self.param_dtype), as_dtype(self.dtype)
     if self.attention not in attention_lib.IMPLEMENTATIONS:
       raise ValueError(f"Qwen3Config: attention={self.attention!r}; expected one of {attention_lib.IMPLEMENTATIONS}")
+    if self.platform is not None and self.platform not in attention_lib.PLATFORMS:
+      raise ValueError(f"Qwen3Config: platform={self.platform!r}; expected None or one of {attention_lib.PLATFORMS}")
     for name in ("attention_block", "attention_query_block"):
       if getattr(self, name) <= 0:
         raise ValueError(f"Qwen3Config: {name}={getattr(self, name)} must be > 0")
@@ -350,6 +356,7 @@ class Attention(nnx.Module):
     self.head_dim, self.rope_theta = h, cfg.rope_theta
     self.attention, self.attention_block, self.attention_query_block = (cfg.attention, cfg.attention_block,
                                                                         cfg.attention_query_block)
+    self.platform = cfg.platform
     self.dtype = as_dtype(cfg.dtype)
     self.q = _param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), pd, std)
     self.k = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd, std)
@@ -384,7 +391,8 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
     out = attention_lib.attention(q, k.astype(q.dtype), v.astype(self.dtype), q_slots_BQ, kv_valid_BS,
                                   impl=self.attention, right_padded=right_padded and kv_cache is None,
-                                  block=self.attention_block, query_block=self.attention_query_block)
+                                  block=self.attention_block, query_block=self.attention_query_block,
+                                  platform=self.platform, self_attention=kv_cache is None)
     y = jnp.einsum("BQNH,NHD->BQD", out.astype(self.dtype), self.o[...].astype(self.dtype))
     return y, (k, v)
 
