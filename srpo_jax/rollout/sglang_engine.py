@@ -465,13 +465,28 @@ class SGLangEngine(RolloutEngine):
                             f"(health_timeout_s={self.health_timeout_s:g}): {e}") from e
         self._sleep(self.backoff_s * 2**attempt)
         continue
-      if status != 200 or not (isinstance(reply, Mapping) and reply.get("success")):
+      if status == 400 and isinstance(reply, Mapping) and "cache was not flushed" in str(reply.get("message")):
+        # SGLang 0.5.23 loaded the weights and took the version, but requests were still running (an abandoned
+        # client's, which it aborts within seconds): its prefix cache still holds old-weight KV. Flush once idle.
+        self._flush_cache_when_idle(url, version)
+      elif status != 200 or not (isinstance(reply, Mapping) and reply.get("success")):
         raise SGLangError(f"update_weights(version={version}): {self.url}/update_weights_from_disk answered "
                           f"HTTP {status}: {str(reply)[:500]}")
       break
     with self._lock:
       self.model_path, self.version, self._version_tag = str(out_dir), version, str(version)
     self._prune_exports()
+
+  def _flush_cache_when_idle(self, url: str, version: int) -> None:
+    """`/flush_cache?timeout=` waits (up to health_timeout_s) for the running requests to end, then flushes."""
+    wait_s = self.health_timeout_s
+    try:
+      status, reply = self._request("POST", f"/flush_cache?timeout={wait_s:g}", None, wait_s + 30.0, url)
+    except _Retryable as e:
+      status, reply = None, e
+    if status != 200:
+      raise SGLangError(f"update_weights(version={version}): {url} loaded the weights but could not flush its "
+                        f"prefix cache (requests still running after health_timeout_s={wait_s:g}): {str(reply)[:300]}")
 
   def ensure_weights(self, params: Any, version: int) -> None:
     """Before a run's first rollout: the server holds exactly `params` as `version`, as `/get_model_info` confirms.

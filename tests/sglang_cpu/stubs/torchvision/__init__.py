@@ -1,0 +1,5 @@
+"""Stub torchvision (tests/sglang_stubs/_sglang_stub.py): importable, raises when used."""
+from _sglang_stub import module_getattr
+
+__version__ = "0.0.0+stub"
+__getattr__ = module_getattr(__name__)
