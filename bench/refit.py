@@ -19,7 +19,6 @@ Run: `.venv/bin/python bench/refit.py [--runs 3 --layers_8b 4 --vocab_8b 16384]`
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import shutil
@@ -126,16 +125,13 @@ def bench_model(label: str, cfg: Qwen3Config, out_root: str, runs: int, host: bo
   laid = {name: hf_io._hf_layout(hf_io._variable(model, attr).get_value(), kind, np.dtype(jax.numpy.bfloat16))
           for attr, name, kind in hf_io.param_table(cfg)}
   jax.block_until_ready(list(laid.values()))
-  files = sorted(set(weight_map.values()))
   hpath = os.path.join(out_root, "written")
   os.makedirs(hpath, exist_ok=True)
+  files = {os.path.join(hpath, f): [(n, laid[n].shape, lambda n=n: jax.device_get(laid[n])) for n in laid
+                                    if weight_map[n] == f] for f in sorted(set(weight_map.values()))}
 
   def write_all():
-    with concurrent.futures.ThreadPoolExecutor(hf_io.export_workers(len(files))) as pool:
-      names = {f: [n for n in laid if weight_map[n] == f] for f in files}
-      for fut in [pool.submit(hf_io._write_shard, os.path.join(hpath, f), names[f], [laid[n] for n in names[f]])
-                  for f in files]:
-        fut.result()
+    hf_io.write_files(files, np.dtype(jax.numpy.bfloat16), {"format": "pt"})
 
   write_all()
   row["write_s"] = timed(write_all, runs)
@@ -171,7 +167,7 @@ def main() -> None:
   print(f"memory copy (np.copyto, 1 GiB): {copy / GB:.2f} GB/s; one 1 GiB write into a new file there: "
         f"{file_write / GB:.2f} GB/s ({file_write / copy:.2f} of the copy)")
   print("export: save_pretrained here (this CPU is the device: XLA's cast and transpose run on these cores); "
-        "write: its host part alone (laid-out arrays to the host and into files, shards in parallel); host: the "
+        "write: its host part alone (laid-out arrays to the host and into the files, tensors in parallel); host: the "
         "previous numpy export")
   print(f"{'model':<44}{'bf16 GB':>8}{'export s':>9}{'GB/s':>6}{'/copy':>6}{'write s':>8}{'GB/s':>6}{'/copy':>6}"
         f"{'host s':>7}{'speedup':>8}")

@@ -247,6 +247,11 @@ def remove_export_leftovers(*directories: str | os.PathLike) -> list[str]:
   return removed
 
 
+def _hf_shape(kind: str, shape: tuple[int, ...], cfg: Qwen3Config) -> tuple[int, ...]:
+  """The HF shape of one of our parameters of `shape` (`_to_hf` on shapes)."""
+  return tuple(jax.eval_shape(lambda x: _to_hf(kind, x), jax.ShapeDtypeStruct(tuple(shape), np.float32)).shape)
+
+
 @functools.partial(jax.jit, static_argnames=("kind", "dtype"))
 def _hf_layout(x, kind: str, dtype):
   """One parameter cast and laid out as HF stores it, on the devices that hold it (XLA's convert rounds to nearest
@@ -255,57 +260,80 @@ def _hf_layout(x, kind: str, dtype):
 
 
 _SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
+MAX_EXPORT_WORKERS = 16
 
 
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-  """A safetensors file written from the arrays' own buffers (safetensors' save_file first copies each into a bytes
-  object): the file save_file writes, byte for byte, when every tensor has one dtype (its order is then by name;
-  with several dtypes it sorts by dtype first, and save_file is used)."""
-  dtypes = {str(a.dtype) for a in tensors.values()}
-  if len(dtypes) != 1 or not dtypes <= set(_SAFETENSORS_DTYPES):
-    save_file(tensors, path, metadata=metadata)
-    return
-  names = sorted(tensors)
+def safetensors_header(entries: list[tuple[str, tuple[int, ...]]], dtype, metadata: dict[str, str]
+                       ) -> tuple[bytes, dict[str, int]]:
+  """The header safetensors' save_file writes for tensors (name, shape) of one `dtype` (they are then stored in name
+  order), and each tensor's offset in the file. Writing the data at those offsets gives save_file's file, byte for
+  byte (tests/test_qwen3.py compares them)."""
   header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-  offset = 0
-  for name in names:
-    a = tensors[name]
-    header[name] = {"dtype": _SAFETENSORS_DTYPES[str(a.dtype)], "shape": list(a.shape),
-                    "data_offsets": [offset, offset + a.nbytes]}
-    offset += a.nbytes
+  ends, start = {}, 0
+  for name, shape in sorted(entries):
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    header[name] = {"dtype": _SAFETENSORS_DTYPES[str(np.dtype(dtype))], "shape": list(shape),
+                    "data_offsets": [start, start + nbytes]}
+    ends[name], start = start, start + nbytes
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the format pads it
-  with open(path, "wb") as f:
-    f.write(len(raw).to_bytes(8, "little"))
-    f.write(raw)
-    for name in names:
-      f.write(np.ascontiguousarray(tensors[name]).reshape(-1).view(np.uint8).data)
+  raw = len(raw).to_bytes(8, "little") + raw
+  return raw, {name: len(raw) + offset for name, offset in ends.items()}
 
 
-def _write_shard(path: str, names: list[str], arrays: list[Any]) -> None:
-  """Copies one shard's device arrays to the host and writes them as a safetensors file."""
-  write_safetensors(path, {name: np.asarray(jax.device_get(a)) for name, a in zip(names, arrays)}, {"format": "pt"})
+def export_workers(num_tensors: int) -> int:
+  """Tensors copied to the host and written at once: one per CPU (at most MAX_EXPORT_WORKERS), each holding one
+  tensor on the host while it is written."""
+  return max(1, min(num_tensors, os.cpu_count() or 1, MAX_EXPORT_WORKERS))
 
 
-def export_workers(num_shards: int) -> int:
-  """Shards written at once: one per CPU up to the shard count (each holds one shard, <= max_shard_bytes, on the
-  host while it is written)."""
-  return max(1, min(num_shards, os.cpu_count() or 1))
+def write_files(files: dict[str, list[tuple[str, tuple[int, ...], Any]]], dtype, metadata: dict[str, str]) -> None:
+  """Safetensors files {path: [(tensor name, shape, fetch)]}, every tensor written at its offset by a pool of
+  `export_workers` threads (`fetch()` gives the host array: a device copy, started when a worker takes it), so the
+  copies and writes of all files overlap and no file waits for another."""
+  jobs, fds = [], []
+  try:
+    for path, entries in files.items():
+      header, offsets = safetensors_header([(n, shape) for n, shape, _ in entries], dtype, metadata)
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+      fds.append(fd)
+      os.write(fd, header)
+      jobs += [(fd, offsets[name], shape, fetch) for name, shape, fetch in entries]
+
+    def write(job) -> None:
+      fd, pos, shape, fetch = job
+      a = np.ascontiguousarray(fetch())
+      if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
+        raise AssertionError(f"export: got {a.dtype}{a.shape}, planned {np.dtype(dtype)}{tuple(shape)}")
+      view = memoryview(a.reshape(-1).view(np.uint8))
+      while view:  # one pwrite moves at most ~2 GiB on Linux
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
+
+    # Largest first: the long copies start early and the small ones fill in at the end.
+    jobs.sort(key=lambda j: -int(np.prod(j[2], dtype=np.int64)))
+    with concurrent.futures.ThreadPoolExecutor(export_workers(len(jobs))) as pool:
+      for fut in [pool.submit(write, job) for job in jobs]:
+        fut.result()
+  finally:
+    for fd in fds:
+      os.close(fd)
 
 
 def save_pretrained(model: Qwen3, path: str | os.PathLike, tokenizer=None, *, dtype: str | None = None,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
   """Writes `model` as an HF directory (config.json, sharded safetensors + index, tokenizer files if given).
 
-  Each tensor is cast and transposed on its devices (`_hf_layout`, jitted), and the shards are copied to the host
-  and written in parallel (`export_workers`): a refit's export runs at memory speed, not at a host transpose's.
+  Each tensor is cast and transposed on its devices (`_hf_layout`, jitted), then copied to the host and written at
+  its offset in its shard by a pool of threads (`write_files`): a refit's export runs at memory speed, not at a host
+  transpose's.
   """
   cfg = model.config
   get = lambda attr_path: _variable(model, attr_path).get_value()
   path = os.path.abspath(os.fspath(path))
   out_dtype = as_dtype(dtype or cfg.param_dtype)
   table = list(param_table(cfg))
-  # Plan the shards from shapes alone, then materialise one shard's tensors at a time.
+  # Plan the shards from shapes alone; the tensors are laid out and fetched one per writer thread.
   shards, cur, cur_bytes = [], [], 0
   for entry in table:
     nbytes = int(np.prod(get(entry[0]).shape)) * out_dtype.itemsize
@@ -327,14 +355,15 @@ def save_pretrained(model: Qwen3, path: str | os.PathLike, tokenizer=None, *, dt
         weight_map[hf_name] = fname
         total += int(np.prod(get(attr_path).shape)) * out_dtype.itemsize
 
-    def write(si: int) -> None:  # the device work is dispatched shard by shard, so at most the writers' shards live
-      names = [hf_name for _, hf_name, _ in shards[si]]
-      arrays = [_hf_layout(get(attr_path), kind, out_dtype) for attr_path, _, kind in shards[si]]
-      _write_shard(os.path.join(tmp, fnames[si]), names, arrays)
-
-    with concurrent.futures.ThreadPoolExecutor(export_workers(len(shards))) as pool:
-      for fut in [pool.submit(write, si) for si in range(len(shards))]:
-        fut.result()
+    files = {os.path.join(tmp, fname): [(hf_name, _hf_shape(kind, get(attr_path).shape, cfg),
+                                         lambda a=attr_path, k=kind: jax.device_get(_hf_layout(get(a), k, out_dtype)))
+                                        for attr_path, hf_name, kind in shard]
+             for fname, shard in zip(fnames, shards)}
+    if str(out_dtype) in _SAFETENSORS_DTYPES:
+      write_files(files, out_dtype, {"format": "pt"})
+    else:  # a dtype our writer does not name: safetensors' own, one shard at a time
+      for fpath, entries in files.items():
+        save_file({n: np.asarray(fetch()) for n, _, fetch in entries}, fpath, metadata={"format": "pt"})
     with open(os.path.join(tmp, INDEX_FILE), "w") as f:
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     hf_cfg = cfg.to_hf_dict()
