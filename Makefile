@@ -64,6 +64,7 @@ bench: $(STAMP)  # each prints a table of ratios measured side by side in one ru
 	$(BIN)/python bench/step.py
 	$(BIN)/python bench/loss_memory.py
 	$(BIN)/python bench/sampler.py
+	$(BIN)/python bench/refit.py
 
 clean:
 	rm -rf $(VENV) $(AOT_VENV) runs
