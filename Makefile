@@ -25,9 +25,24 @@ $(AOT_STAMP): pyproject.toml
 	$(AOT_VENV)/bin/pip install -q -e '.[gpu,tpu]'
 	rm -f $(AOT_VENV)/.installed-* && touch $@
 
-.PHONY: install aot-env plan demo test compare bench clean
+# A third environment: a real SGLang server on the CPU, for tests/test_sglang_real.py. Every package is pinned in
+# tests/sglang_cpu/requirements.txt and installed without dependency resolution (sglang's own list asks for CUDA-only
+# wheels); SGLang's CUDA-only imports are stubbed in tests/sglang_cpu/stubs. Rebuilt from scratch when the list changes,
+# so it holds exactly that list.
+SGL_VENV := .venv-sglang
+SGL_REQS := tests/sglang_cpu/requirements.txt
+SGL_STAMP := $(SGL_VENV)/.installed-$(shell cat $(SGL_REQS) | cksum | cut -d' ' -f1)
+
+$(SGL_STAMP): $(SGL_REQS)
+	rm -rf $(SGL_VENV) && $(PY) -m venv $(SGL_VENV)
+	$(SGL_VENV)/bin/pip install -q --upgrade pip
+	$(SGL_VENV)/bin/pip install -q --no-deps -r $(SGL_REQS)
+	touch $@
+
+.PHONY: install aot-env plan demo test compare bench clean sglang-env
 install: $(STAMP)
 aot-env: $(AOT_STAMP)
+sglang-env: $(SGL_STAMP)
 
 # make plan CONFIG=configs/qwen3_8b.py TARGET=h100x8 (or v5p-8, v6e-8, ...): will the run fit? (srpo_jax/plan.py;
 # deviceless compile)
@@ -54,7 +69,7 @@ compare: $(STAMP)  # make compare SEEDS=3: every method on seeds 0, 1, 2 (srpo_j
 # would compete with the other worker for this machine's cores (BUILD_NOTES.md, "Test suite after issue 12").
 SOLO_TESTS := tests/test_multiprocess_trainer.py tests/test_readme_commands.py
 # Both passes share one fresh XLA compilation cache (the solo tests reuse the tiny config's programs), removed after.
-test: $(STAMP) $(AOT_STAMP)
+test: $(STAMP) $(AOT_STAMP) $(SGL_STAMP)
 	export JAX_COMPILATION_CACHE_DIR="$$(mktemp -d -t srpo-jax-test-xla-cache-XXXXXX)"; \
 	trap 'rm -rf "$$JAX_COMPILATION_CACHE_DIR"' EXIT; \
 	$(BIN)/python -m pytest -n auto --dist loadfile tests $(addprefix --ignore=,$(SOLO_TESTS)) && \
@@ -67,4 +82,4 @@ bench: $(STAMP)  # each prints a table of ratios measured side by side in one ru
 	$(BIN)/python bench/refit.py
 
 clean:
-	rm -rf $(VENV) $(AOT_VENV) runs
+	rm -rf $(VENV) $(AOT_VENV) $(SGL_VENV) runs
