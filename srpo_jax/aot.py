@@ -128,6 +128,20 @@ def summarize(name: str, compiled, compile_s: float) -> ProgramSummary:
       splash_attention="tpu_custom_call" in text and SPLASH in text)
 
 
+_HBM_EXHAUSTED_RE = re.compile(r"RESOURCE_EXHAUSTED: Ran out of memory on HBM.*?required for HLO temporaries "
+                               r"\(([\d.]+)([KMGT])\)", re.S)
+
+
+def hbm_exhausted_temporaries(err: Exception) -> Optional[int]:
+  """The temporaries XLA's TPU compiler says a program needs when it refuses it for not fitting the chip's HBM
+  ("RESOURCE_EXHAUSTED: ... required for HLO temporaries (93.29G) exceeds available HBM"), in bytes; None for any
+  other error."""
+  m = _HBM_EXHAUSTED_RE.search(str(err))
+  if not m:
+    return None
+  return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
+
+
 def compile_lowered(name: str, lowered) -> tuple[Any, ProgramSummary]:
   t = time.perf_counter()
   compiled = lowered.compile()

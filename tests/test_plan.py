@@ -179,6 +179,26 @@ def test_every_target_file_names_its_source():
 # ---------------------------------------------------------------------------------------------------------------------
 # FLOPs from HLO
 # ---------------------------------------------------------------------------------------------------------------------
+def test_tpu_compiler_out_of_hbm_is_read_as_temporaries():
+  """XLA's TPU compiler refuses a program over the chip's HBM: the planner reads the temporaries it names (a program
+  that does not fit), and lets any other compile error through."""
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (93.29G) exceeds "
+         "available HBM (31.25G).")
+  assert aot.hbm_exhausted_temporaries(RuntimeError(msg)) == int(93.29 * 2**30)
+  assert aot.hbm_exhausted_temporaries(RuntimeError(msg.replace("93.29G", "512.5M"))) == int(512.5 * 2**20)
+  assert aot.hbm_exhausted_temporaries(RuntimeError("INTERNAL: Mosaic failed to compile")) is None
+
+
+def test_tpu_targets():
+  """Cloud TPU slice names count TensorCores: a v5p-8 is 4 chips on one host, a v5p-16 8 chips on two."""
+  v5p8, v5p16, v6e8 = plan.TARGETS["v5p-8"], plan.TARGETS["v5p-16"], plan.TARGETS["v6e-8"]
+  assert (v5p8.num_devices, v5p8.hosts, v5p16.num_devices, v5p16.hosts, v6e8.num_devices) == (4, 1, 8, 2, 8)
+  assert all(t.is_tpu and t.platform == "tpu" and not t.is_gpu for t in (v5p8, v5p16, v6e8))
+  assert v5p8.device_memory_bytes() == 95 * 2**30 and plan.TARGETS["v5e-8"].device_memory_bytes() == 16 * 2**30
+  assert plan.jax_memory_fraction(None, v5p8)[0] == 1.0
+  assert plan.TARGETS["h100x8"].platform == "gpu" and plan.TARGETS["cpu"].platform == "cpu"
+
+
 def test_hlo_flops_multiplies_loop_bodies_by_their_trip_count():
   """cost_analysis counts a scan body once; hlo_flops counts every iteration (and dots inside fusions)."""
   def f(w, xs):
