@@ -7,11 +7,12 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from srpo_jax import config as config_lib, plan, trainer
+from srpo_jax import plan, trainer
 from srpo_jax.models import hf_io
 from srpo_jax.models.qwen3 import Qwen3, Qwen3Config, init_model
 from srpo_jax.rollout import sglang_memory as sm
@@ -26,7 +27,6 @@ H200 = plan.TARGETS["h200x8"].device_memory_bytes()
 def test_param_count_is_the_models(preset):
   q = Qwen3Config.preset(preset)
   abstract = nnx.state(nnx.eval_shape(lambda: Qwen3(q, rngs=nnx.Rngs(0))), nnx.Param)
-  import jax
   assert sm.param_count(q) == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
 
 
@@ -116,7 +116,6 @@ def test_trainer_sizes_an_owned_server_on_gpus(monkeypatch):
   expected = sm.for_config(cfg, plan.model_config(cfg, plan.TARGETS["h200x8"]),
                            device_memory=int(int(H200 * 0.55) / 0.55), jax_fraction=0.55, gpus=8)
   assert args == expected.cli() and expected.fits
-  import jax
   assert trainer.owned_sglang_args(cfg, jax.local_devices()) == []  # the CPU: nothing to size
   big = load_config("configs/qwen3_8b.py", {"mesh.fsdp": 1, "mesh.data": -1})
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.8")
