@@ -82,9 +82,11 @@ def server(tmp_path_factory, tok, models):
   export = _export_fn(tok)
   export(models[0], str(root / "initial"))
   t0 = time.monotonic()
+  # kill_grace_s: SGLang's own SIGTERM shutdown sleeps 5 s ("crash diagnostics"); SIGKILL of the group after 2 s.
   eng = se.SGLangEngine(root / "initial", server_args=SERVER_ARGS, export_fn=export, run_dir=root / "run",
                         launch_cmd=[SGL_PYTHON, SERVE], initial_version=V0, vocab_size=TINY.vocab_size,
-                        health_timeout_s=START_TIMEOUT_S, request_deadline_s=120.0, install_signal_handlers=False)
+                        health_timeout_s=START_TIMEOUT_S, request_deadline_s=120.0, install_signal_handlers=False,
+                        kill_grace_s=2.0)
   TIMINGS["server start (launch to /health_generate 200), s"] = time.monotonic() - t0
   yield eng
   pgid = eng.server_pid  # the group of the server now running (the kill test restarts it)
@@ -229,11 +231,15 @@ def test_attach_pushes_weights_and_the_owner_sees_them_as_stale(server, tok, mod
   assert eng.generate(prompts[:1], SamplingParams(max_new_tokens=2))[0][0].weight_version == V0 + 4
 
 
-def test_request_deadline_ends_the_request_and_a_refit_waits_for_the_abort(server, tok, models, tmp_path):
+def test_request_deadline_and_a_refit_while_the_abandoned_request_runs(server, tok, models, tmp_path):
+  """A request past its deadline fails in time and SGLang aborts it. A refit sent right after it waits (SGLang's
+  model-update lock) until SGLang's tokenizer side aborts the abandoned request, then loads the weights while the
+  scheduler still holds the aborted rows: SGLang answers HTTP 400 "cache was not flushed". The client then waits for
+  the server to be idle and flushes the prefix cache (what a trainer resumed at once against its server meets)."""
   eng = server
+  start = os.path.getsize(eng.log_path)
   att = se.SGLangEngine("unused", url=eng.url, run_dir=tmp_path / "att", vocab_size=TINY.vocab_size,
                         health_timeout_s=60, request_deadline_s=1.0, max_retries=0, install_signal_handlers=False)
-  start = os.path.getsize(eng.log_path)
   try:
     t0 = time.monotonic()
     # 16 x 1,500 tokens: tens of seconds of decoding here, far past the 1 s deadline.
@@ -244,14 +250,11 @@ def test_request_deadline_ends_the_request_and_a_refit_waits_for_the_abort(serve
     att.close()
   assert waited < 5.0, waited
   TIMINGS["deadline 1 s: generate raised after, s"] = waited
-  # The abandoned request still runs: SGLang polls for a gone client every 4 s (SGLANG_REQUEST_STATE_WAIT_TIMEOUT).
-  # A refit now loads the weights but cannot flush the prefix cache (HTTP 400); the client waits for the abort.
-  t0 = time.monotonic()
-  eng.update_weights(models[1], V0 + 5)
-  TIMINGS["refit while an abandoned request runs, s"] = time.monotonic() - t0
+  TIMINGS["refit right after the abandoned request (waits for its abort), s"] = _push(eng, models[1], V0 + 5)
   log_text = _log_text(eng, start)
+  # SGLang polls for a gone client every 4 s (SGLANG_REQUEST_STATE_WAIT_TIMEOUT) and aborts its request.
+  assert "disconnected from the client side" in log_text
   assert "cache was not flushed because requests are still running" in log_text  # the path under test was taken
-  assert "disconnected from the client side" in log_text  # SGLang aborted the abandoned request
   out = eng.generate(_prompts(tok), SamplingParams(max_new_tokens=4, seed=8))
   assert {g[0].weight_version for g in out} == {V0 + 5}
   assert _max_logprob_diff(models[1], _prompts(tok), out, 1.0) <= TOL
@@ -269,10 +272,9 @@ def _as_exported(graphdef, params):
 def test_trainer_on_sglang_matches_the_jax_engine_metrics_and_refits(server, tok, tmp_path):
   """3 training steps with rollout.engine=sglang on the tiny config (attached to the shared server) record the same
   metrics as with the JAX engine; after the run the server holds the trained weights (the trainer's bf16 export)."""
-  # Evaluation samples like the rollouts (8 rows, T = 1, no top-p): the JAX engine compiles one sampler, not two.
-  # GRPO: the fewest train-step programs to compile (the trainer test with the fake server compiles the same ones).
-  overrides = {"algo.name": "grpo", "train.steps": 3, "eval.at_start": False, "eval.n_samples": 4, "eval.temperature": 1.0,
-               "eval.top_p": 1.0}
+  # GRPO, fast_config: the programs of test_trainer.py's grpo run and test_trainer_sglang.py, so make test's shared XLA
+  # cache compiles them once for the three files.
+  overrides = {"algo.name": "grpo", "train.steps": 3, "eval.at_start": False}
   runs = {}
   for engine in ("sglang", "jax"):
     extra = {"rollout.engine": engine, **({"rollout.sglang_url": server.url} if engine == "sglang" else {})}
