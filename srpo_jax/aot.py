@@ -75,6 +75,9 @@ def libtpu_available() -> bool:
 def tpu_topology_devices(topology_name: str):
   """Abstract chips of a TPU slice (e.g. "v5p:2x2x1"), from libtpu's topology description: no TPU needed. Each
   carries its host as process_index."""
+  # libtpu locks /tmp/libtpu_lockfile so that two processes do not share a TPU; a deviceless compile uses none, and a
+  # second planner (or test) on this machine would otherwise fail to start.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   return list(topologies.get_topology_desc(platform="tpu", topology_name=topology_name).devices)
 

@@ -269,6 +269,10 @@ class RolloutConfig:
   length_buckets: tuple[int, ...] = _f(
       (), "jax engine: prompt lengths to pad to (one compile each; the largest >= data.max_prompt_tokens); () = the "
       "engine's default buckets.", INCREASING_POSITIVE)
+  jax_max_batch: Optional[int] = _f(
+      None, "jax engine: at most this many rollouts per sampler call (its KV cache holds all of them for the whole "
+      "response: 36 layers × 8 KV heads × 128 × 2 × 2 bytes = 147 KB per token for Qwen3-8B); None = 256. "
+      "`python -m srpo_jax.plan` plans the sampler at this size.", POSITIVE)
 
   @property
   def rollouts_per_step(self) -> int:

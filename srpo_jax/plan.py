@@ -252,7 +252,8 @@ class Shapes:
     sr = sp = sn = 0
     if cfg.rollout.engine == "jax":
       from srpo_jax.rollout import jax_engine as je
-      sr = je.smallest_bucket(min(cfg.rollout.rollouts_per_step, je.DEFAULT_BATCH_BUCKETS[-1]),
+      sr = je.smallest_bucket(min(cfg.rollout.rollouts_per_step,
+                                  cfg.rollout.jax_max_batch or je.DEFAULT_BATCH_BUCKETS[-1]),
                               je.DEFAULT_BATCH_BUCKETS, row_shards)
       sp = je.smallest_bucket(cfg.data.max_prompt_tokens, cfg.rollout.length_buckets or je.DEFAULT_PROMPT_BUCKETS)
       sn = max(cfg.rollout.max_new_tokens, cfg.eval_max_new_tokens)
@@ -503,8 +504,9 @@ def _lower_sampler(cfg, model: Model, shapes: Shapes, mesh):
                         model.params)  # the engine's arguments carry their placement (no in_shardings)
   inputs = je.StepInputs(temperature=sds((), jnp.float32), top_p=sds((), jnp.float32),
                          is_stop_V=sds((model.qcfg.vocab_size,), jnp.bool_), pad_id=sds((), jnp.int32))
-  return program.lower(params, sds((b, pl), jnp.int32, rows), sds((b, pl), jnp.bool_, rows), sds((b,), jnp.int32, rows),
-                       sds((b,), jnp.bool_, rows), sds((), jnp.uint32), inputs)
+  with jax.set_mesh(mesh):  # as JaxEngine._run_chunk calls it
+    return program.lower(params, sds((b, pl), jnp.int32, rows), sds((b, pl), jnp.bool_, rows),
+                         sds((b,), jnp.int32, rows), sds((b,), jnp.bool_, rows), sds((), jnp.uint32), inputs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -226,7 +226,7 @@ def _process_engine(cfg: Config, graphdef, params, tokenizer, mesh, version: int
     from srpo_jax.rollout.jax_engine import JaxEngine
     buckets = {"prompt_buckets": cfg.rollout.length_buckets} if cfg.rollout.length_buckets else {}
     return JaxEngine((graphdef, params), eos_token_ids=eos_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                     mesh=mesh, **buckets)
+                     mesh=mesh, max_batch=cfg.rollout.jax_max_batch, **buckets)
   from srpo_jax.rollout.sglang_engine import SGLangEngine, ram_exports_dir
 
   def export_fn(p, out_dir):  # SGLang reads bf16 HF weights; the trainer keeps its own (fp32) master copy

@@ -22,6 +22,7 @@ parameters stay where the trainer placed them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Sequence
@@ -319,7 +320,8 @@ class JaxEngine(RolloutEngine):
       batch_args = [jax.device_put(a, batch_sharding(self.mesh, a.ndim)) for a in batch_args]
     program = self._program(_ProgramKey(b, p, sampling.max_new_tokens, strategy))
     seed = jnp.uint32(sampling.seed % 2**32)
-    tokens, logprobs, lengths = jax.device_get(program(self._state, *batch_args, seed, inputs))
+    with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):  # traced as the train step is
+      tokens, logprobs, lengths = jax.device_get(program(self._state, *batch_args, seed, inputs))
     return tokens[:b_real], logprobs[:b_real], lengths[:b_real]
 
   def _completion(self, tokens_T, logprobs_T, length: int, sampling: SamplingParams, version: int) -> Completion:
