@@ -1,13 +1,13 @@
 """The SGLang client and the trainer against a REAL SGLang 0.5.23 server, on the CPU.
 
 Not the fake of test_sglang_engine.py: SGLang's own HTTP server, tokenizer manager, scheduler, weight loader and
-Qwen3 model, run by `.venv-sglang` (Makefile; pinned in tests/sglang_cpu/requirements.txt) through
+Qwen3 model, run by `.venv-sglang` (make sglang-env; pinned in tests/sglang_cpu/requirements.txt) through
 tests/sglang_cpu/serve.py, which stubs SGLang's CUDA-only imports (each stub raises if called). Flags:
 `--device cpu --dtype float32 --attention-backend torch_native` (no CUDA graphs). The model is the tiny random Qwen3
 of configs/tiny.py with the real vocabulary.
 
 One server, launched by an owning `SGLangEngine` (the module fixture), serves every test; the trainer runs attach to
-it by URL. Only the kill test starts a second one (the engine's restart). A server start costs ~35-40 s of this
+it by URL. Only the kill test starts a second one (the engine's restart). A server start costs 25-40 s of this
 machine's 2 cores (SGLang's and torch's imports in three processes), so nothing else launches one.
 
 Skipped when .venv-sglang is missing, except under CI=true, where that is a failure (make test builds it).
@@ -41,7 +41,7 @@ SGL_PYTHON = os.path.join(REPO, ".venv-sglang", "bin", "python")
 SERVE = os.path.join(REPO, "tests", "sglang_cpu", "serve.py")
 IN_CI = os.environ.get("CI") == "true"
 if not os.path.exists(SGL_PYTHON) and not IN_CI:
-  pytest.skip(f"{SGL_PYTHON} is missing (make .venv-sglang builds it)", allow_module_level=True)
+  pytest.skip(f"{SGL_PYTHON} is missing (make sglang-env builds it)", allow_module_level=True)
 
 # SGLang's CPU engine, fp32 like the JAX reference. --max-total-tokens bounds the KV cache (by default SGLang takes
 # 72% of the free host memory: 13 GB); 32k tokens hold the largest test batch (16 x 1,600) with room.
@@ -76,7 +76,7 @@ def _export_fn(tok):
 def server(tmp_path_factory, tok, models):
   """The shared server: launched (owned mode) from an export of model A, tagged V0."""
   if not os.path.exists(SGL_PYTHON):
-    pytest.fail(f"CI=true but {SGL_PYTHON} is missing: make test builds it (target .venv-sglang); the real-server "
+    pytest.fail(f"CI=true but {SGL_PYTHON} is missing: make test builds it (make sglang-env); the real-server "
                 "tests must run in CI")
   root = tmp_path_factory.mktemp("sglang_real")
   export = _export_fn(tok)
