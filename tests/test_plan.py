@@ -394,18 +394,23 @@ def test_cli_does_not_fit_names_the_state():
 # ---------------------------------------------------------------------------------------------------------------------
 # Deviceless: compiled for 8 × H100 without a GPU (the CUDA plugin's venv)
 # ---------------------------------------------------------------------------------------------------------------------
-def test_deviceless_h100_accumulate_program():
+def run_aot_worker(*args: str) -> dict:
+  """tests/aot_worker.py's RESULT, run with .venv-aot's python (missing: a skip here, a failure in CI)."""
   if not os.path.exists(AOT_PYTHON):
-    msg = f"{AOT_PYTHON} missing: `make aot-env` installs JAX's CUDA plugin there (make test does)"
+    msg = f"{AOT_PYTHON} missing: `make aot-env` installs JAX's CUDA plugin and libtpu there (make test does)"
     if os.environ.get("CI") == "true":
       pytest.fail(msg)
     pytest.skip(msg)
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
   env.update(PYTHONPATH=REPO, JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1")
-  proc = subprocess.run([AOT_PYTHON, "-m", "tests.aot_worker"], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=1500)
+  proc = subprocess.run([AOT_PYTHON, "-m", "tests.aot_worker", *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=1500)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  res = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
+  return json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
+
+
+def test_deviceless_h100_accumulate_program():
+  res = run_aot_worker()
   assert res["8"]["programs"] == ["accumulate_t", "apply", "ema"]  # on-policy SRPO: no prepare
   one, eight = res["1"]["accumulate_t"], res["8"]["accumulate_t"]
   assert eight["cudnn_attention"] and one["cudnn_attention"]
@@ -445,17 +450,7 @@ def test_deviceless_h100_accumulate_program():
 def test_deviceless_tpu_accumulate_program():
   """The trainer's accumulate for 4 chips of a v5p-8 (fsdp 4) and for one chip: "auto" attention compiled for the TPU
   is Pallas splash attention, each chip does a quarter of one chip's work, temporaries within the planner's bound."""
-  if not os.path.exists(AOT_PYTHON):
-    msg = f"{AOT_PYTHON} missing: `make aot-env` installs libtpu there (make test does)"
-    if os.environ.get("CI") == "true":
-      pytest.fail(msg)
-    pytest.skip(msg)
-  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-  env.update(PYTHONPATH=REPO)
-  proc = subprocess.run([AOT_PYTHON, "-m", "tests.aot_worker", "tpu"], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=1500)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  res = json.loads([x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1][len("RESULT "):])
+  res = run_aot_worker("tpu")
   one, four = res["1"]["accumulate_t"], res["4"]["accumulate_t"]
   assert one["splash_attention"] and four["splash_attention"]
   assert not four["cudnn_attention"]
