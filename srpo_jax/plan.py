@@ -522,7 +522,6 @@ class ProgramPlan:
   flops: float       # per device: HLO-counted when compiled, else analytic
   analytic_flops: float
   collectives: dict[str, int] = dataclasses.field(default_factory=dict)
-  cudnn_attention: Optional[bool] = None
   attention_kernel: Optional[str] = None  # "cuDNN" | "splash" | "none" in the compiled program
   compile_s: Optional[float] = None
   argument_bytes: Optional[int] = None  # memory_analysis (cross-check of the state + inputs)
@@ -716,7 +715,7 @@ def make_plan(cfg, target: Target, *, config_name: str = "", analytic: bool = Fa
             else fl.get(name, 0.0))
     plan.add_program(
         name, inputs, temp, out, flops=a_fl if loops or target.is_tpu else float(value("flops")), analytic_flops=a_fl,
-        collectives=last.collectives, cudnn_attention=last.cudnn_attention, attention_kernel=last.attention_kernel,
+        collectives=last.collectives, attention_kernel=last.attention_kernel,
         compile_s=sum(results[d][name]["summ"].compile_s for d in depths), argument_bytes=int(value("args")),
         what_if=what_if)
     if loops and not target.is_tpu:

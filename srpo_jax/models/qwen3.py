@@ -89,14 +89,14 @@ class Qwen3Config:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: bool = False
-  # Attention implementation (srpo_jax.models.attention): auto | naive | blockwise | cudnn, and blockwise's key block
-  # and query chunk.
+  # Attention implementation (srpo_jax.models.attention): auto | naive | blockwise | cudnn | splash, and blockwise's
+  # key block and query chunk.
   attention: str = "auto"
   attention_block: int = attention_lib.DEFAULT_BLOCK
   attention_query_block: int = attention_lib.DEFAULT_QUERY_BLOCK
   # The platform the programs are compiled for ("cpu" | "gpu" | "tpu"; None = jax.default_backend() when traced): it
-  # picks "auto" attention's kernel. The trainer and the planner set it from the mesh's devices, so a deviceless compile
-  # for a GPU or TPU target takes that target's kernel.
+  # picks "auto" attention's kernel. The trainer sets it from the mesh's devices and the planner from its target, so a
+  # deviceless compile for a GPU or TPU target takes that target's kernel.
   platform: Optional[str] = None
 
   def __post_init__(self):
