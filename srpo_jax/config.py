@@ -261,6 +261,12 @@ class RolloutConfig:
       "(request_retries + 1).", NON_NEGATIVE)
   sglang_args: tuple[str, ...] = _f((), "Extra `python -m sglang.launch_server` arguments (tuple of str), e.g. "
                                     "(\"--tp\", \"2\").")
+  sglang_sleep: bool = _f(
+      False, "SGLang: JAX and the server time-share each GPU. The server releases its weights and KV cache "
+      "(/release_memory_occupation, SGLang's --enable-memory-saver) while JAX trains, and JAX keeps its optimizer "
+      "state and EMA teacher in pinned host memory while the server generates; `srpo_jax.run` then gives JAX the "
+      "platform allocator (no preallocation: freed memory goes back to the GPU). The paper configs set it: their "
+      "rollouts' KV cache and JAX's update do not fit on an H100 at once (`python -m srpo_jax.plan`).")
   sglang_python: Optional[str] = _f(
       None, "Python interpreter that launches the SGLang server (`<sglang_python> -m sglang.launch_server`); None = "
       "this process's. SGLang's torch (CUDA 13 libraries) and jax[cuda12] overwrite each other's cuDNN/NCCL files in "
@@ -859,9 +865,10 @@ def paper_config(model_name: str, param: str = "", mesh: Optional[Mapping[str, i
   c.data.task = task
   c.algo.name = algo
   c.rollout.engine = "sglang"
-  # SGLang and the JAX trainer share the GPUs: `srpo_jax.run` caps JAX's preallocation at 55%
-  # (XLA_PYTHON_CLIENT_MEM_FRACTION) unless the environment sets it, and the trainer gives the launched server the
-  # rest: --dp-size (every GPU of the node) and --mem-fraction-static from `srpo_jax.rollout.sglang_memory`.
+  # SGLang and the JAX trainer time-share the GPUs (rollout.sglang_sleep): the server sleeps while JAX trains, JAX's
+  # optimizer state and teacher wait in host memory while it generates. The trainer gives a launched server every GPU
+  # of the node (--dp-size) and --mem-fraction-static from `srpo_jax.rollout.sglang_memory`.
+  c.rollout.sglang_sleep = True
   c.train.steps = 1000  # An upper bound: the paper reports best accuracy within 10h of wall-clock.
   c.train.max_wall_time_h = 10.0
   # The official configs: GRPO's validates before training (val_before_train: True), SDPO's and SRPO's do not.

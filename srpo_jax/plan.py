@@ -118,12 +118,27 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
 )}
 
 
+def jax_gpu_env(cfg) -> dict[str, str]:
+  """The XLA client settings `srpo_jax.run` gives a GPU run (unless the environment sets them) before JAX touches a
+  GPU: room for the SGLang server beside JAX (a fixed share), or no pool at all when they time-share (freed memory
+  goes back to the GPU for the waking server)."""
+  if cfg.rollout.engine != "sglang":
+    return {}
+  if cfg.rollout.sglang_sleep:
+    return {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}
+  return {"XLA_PYTHON_CLIENT_MEM_FRACTION": str(SGLANG_JAX_MEM_FRACTION)}
+
+
 def jax_memory_fraction(cfg, target: Target) -> tuple[float, str]:
   """JAX's share of each device's memory and where it comes from (the rest is SGLang's, or XLA's reserve)."""
   if target.is_tpu:
     return 1.0, "TPU: XLA owns the chip's HBM (no SGLang: rollouts use the JAX engine)"
   if not target.is_gpu:
     return 1.0, "CPU: no preallocation"
+  if cfg.rollout.engine == "sglang" and cfg.rollout.sglang_sleep:
+    from srpo_jax.rollout import sglang_memory
+    return sglang_memory.sleep_jax_fraction(target.device_memory_bytes(), sglang_memory.config_tp(cfg)), (
+        "rollout.sglang_sleep: JAX time-shares the GPU with a sleeping SGLang server, on the platform allocator")
   env = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
   if env:
     return float(env), f"XLA_PYTHON_CLIENT_MEM_FRACTION={env} (environment)"
@@ -265,7 +280,7 @@ class Shapes:
 # ---------------------------------------------------------------------------------------------------------------------
 # State: exact bytes per device from shapes and shardings
 # ---------------------------------------------------------------------------------------------------------------------
-def _abstract_mesh(axis_sizes: dict[str, int]):
+def abstract_mesh(axis_sizes: dict[str, int]):
   from jax.sharding import AbstractMesh
   from srpo_jax.sharding import MESH_AXES
   return AbstractMesh(tuple(axis_sizes[a] for a in MESH_AXES), MESH_AXES)
@@ -623,10 +638,10 @@ def make_plan(cfg, target: Target, *, config_name: str = "", analytic: bool = Fa
               mesh=sizes, model=dict(dataclasses.asdict(q_full)), shapes=dataclasses.asdict(shapes),
               device_memory=target.device_memory_bytes(num_devices), fraction=fraction, fraction_source=source,
               state={}, programs=[], mode="analytic" if analytic else "compiled", num_hosts=hosts)
-  _plan_sglang(plan, cfg, target, q_full)
-  abstract = _abstract_mesh(sizes)
+  abstract = abstract_mesh(sizes)
   full = Model.build(cfg, q_full, abstract)
   plan.state = full.state_bytes()
+  _plan_sglang(plan, cfg, target, q_full)
   act = analytic_activations(q_full, shapes, sizes["fsdp"], sizes["tensor"])
   fl = analytic_flops(q_full, shapes, num_devices)
   for msg in _shape_notes(cfg, shapes):
@@ -738,9 +753,10 @@ def _plan_sglang(plan: Plan, cfg, target: Target, q) -> None:
     return
   from srpo_jax.rollout import sglang_memory
   mem = sglang_memory.for_config(cfg, q, device_memory=plan.device_memory, jax_fraction=plan.fraction,
-                                 gpus=target.num_devices, nodes=plan.num_hosts)
+                                 gpus=target.num_devices, nodes=plan.num_hosts, jax_state=plan.state)
   plan.sglang = dict(dataclasses.asdict(mem), fits=mem.fits, starts=mem.starts, summary=mem.summary(),
-                     jax_fraction_to_fit=mem.jax_fraction_to_fit(),
+                     sleep=mem.sleep, refit_fits=mem.refit_fits,
+                     jax_fraction_to_fit=None if mem.sleep else mem.jax_fraction_to_fit(),
                      refit_s=sglang_memory.projected_refit_s(sglang_memory.weight_bytes(q)),
                      refit_note=sglang_memory.REFIT_NOTE)
 
@@ -943,11 +959,20 @@ def format_plan(plan: Plan) -> str:
   lines.append(f"{verdict}: peak {plan.total / GiB:.2f} GiB{where} of {plan.budget / GiB:.1f} GiB per device")
   if sg is not None:
     lines.append(("FITS" if sg["fits"] else "DOES NOT FIT") + f": SGLang's KV pool {max(sg['kv_tokens'], 0):,} "
-                 f"tokens per GPU for the step's {sg['need_tokens']:,}")
+                 f"tokens per GPU for the step's {sg['need_tokens']:,}"
+                 + (f"; time-shared, refit peak {sg['refit_bytes'] / GiB:.1f} GiB" if sg["sleep"] else ""))
   return "\n".join(lines)
 
 
 def failure_message(cfg, plan: Plan) -> str:
+  if plan.jax_fits and plan.sglang["sleep"]:  # time-shared: the pool beside JAX's parameters, or the refit
+    sg = plan.sglang
+    what = (f"the refit (JAX's state beside the server's weights) needs {sg['refit_bytes'] / GiB:.1f} GiB per GPU"
+            if not sg["refit_fits"] else
+            f"SGLang's KV pool holds {max(sg['kv_tokens'], 0):,} tokens per GPU beside JAX's parameters, the step's "
+            f"rollouts need {sg['need_tokens']:,}")
+    return (f"time-shared on {plan.target} (rollout.sglang_sleep): {what}; shard the parameters over more GPUs, "
+            f"fewer rollout.prompts_per_step or a shorter rollout.max_new_tokens")
   if plan.jax_fits:  # then SGLang's KV pool is what does not fit
     sg = plan.sglang
     to_fit = sg["jax_fraction_to_fit"]
@@ -1002,7 +1027,7 @@ def check_fits_analytic(cfg, mesh=None, devices=None) -> Optional[Plan]:
            cfg.mesh.axis_sizes(len(devices)) if len(devices) > 1 else {"data": 1, "fsdp": 1, "tensor": 1})
   shapes = Shapes.from_config(cfg, sizes["data"] * sizes["fsdp"])
   q = model_config(cfg, TARGETS["h100x1"])  # any GPU target: the attention "auto" picks on a GPU
-  model = Model.build(cfg, q, _abstract_mesh(sizes))
+  model = Model.build(cfg, q, abstract_mesh(sizes))
   plan = Plan(config="", target="this machine", device=devices[0].device_kind, num_devices=len(devices), mesh=sizes,
               model=dataclasses.asdict(q), shapes=dataclasses.asdict(shapes), device_memory=limit, fraction=1.0,
               fraction_source="JAX's allocator limit (bytes_limit)", state=model.state_bytes(), programs=[],

@@ -9,9 +9,9 @@ from srpo_jax import config as config_lib
 def build_mesh(cfg: config_lib.Config):
   """Joins a multi-host run when configured; a ("data", "fsdp", "tensor") mesh when there is more than one device."""
   from srpo_jax import plan
-  if cfg.rollout.engine == "sglang":
-    # Before JAX touches a GPU: leave room for the SGLang server on the same devices (JAX preallocates 75% otherwise).
-    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(plan.SGLANG_JAX_MEM_FRACTION))
+  # Before JAX touches a GPU: room for the SGLang server on the same devices (JAX preallocates 75% otherwise).
+  for key, value in plan.jax_gpu_env(cfg).items():
+    os.environ.setdefault(key, value)
   import jax
   from srpo_jax import distributed, sharding
   distributed.initialize(cfg.mesh.num_processes, cfg.mesh.coordinator, cfg.mesh.process_id)

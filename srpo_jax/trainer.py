@@ -40,6 +40,7 @@ from srpo_jax.data import prompts as prompt_lib
 from srpo_jax.evaluation import evaluate
 from srpo_jax.models import attention, hf_io
 from srpo_jax.models.qwen3 import Qwen3, Qwen3Config, init_model
+from srpo_jax.rollout import time_share
 from srpo_jax.rollout.engine import RolloutEngine, RolloutInterrupted, SamplingParams
 from srpo_jax.task import Task, load_task
 from srpo_jax.train_step import (Denominators, LossHParams, TrainFns, TrainShardings, UpdateStats, make_optimizer,
@@ -255,11 +256,12 @@ def _process_engine(cfg: Config, graphdef, params, tokenizer, mesh, version: int
 
 def owned_sglang_args(cfg: Config, devices) -> list[str]:
   """rollout.sglang_args for a server this process launches: on GPUs, plus every GPU of the node as a data-parallel
-  rank and SGLang's memory sized beside JAX's preallocated share (`sglang_memory`; the user's own flags win).
+  rank and SGLang's memory sized beside JAX (`sglang_memory`; the user's own flags win).
 
-  The GPU's memory is JAX's pool (`bytes_limit`) over its share, the XLA_PYTHON_CLIENT_MEM_FRACTION `srpo_jax.run`
-  set. Raises when SGLang could not even start; warns when its KV pool holds fewer tokens than the step's rollouts
-  (they then run in waves: `python -m srpo_jax.plan` names a JAX share that holds them)."""
+  Beside JAX's preallocated share, the GPU's memory is JAX's pool (`bytes_limit`) over the share `srpo_jax.run` set
+  (XLA_PYTHON_CLIENT_MEM_FRACTION); time-shared (rollout.sglang_sleep: no pool) it is what nvidia-smi reports, and
+  JAX keeps its parameters there while the server generates (their bytes per GPU as the planner counts them). Raises when SGLang could not even start; warns when its KV pool
+  holds fewer tokens than the step's rollouts (they then run in waves: `python -m srpo_jax.plan`)."""
   args = list(cfg.rollout.sglang_args)
   if not devices or devices[0].platform != "gpu":
     return args
@@ -267,16 +269,26 @@ def owned_sglang_args(cfg: Config, devices) -> list[str]:
   from srpo_jax.rollout import sglang_memory
   stats = devices[0].memory_stats() or {}
   fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", plan.SGLANG_JAX_MEM_FRACTION))
-  if not stats.get("bytes_limit"):
+  q = plan.model_config(cfg, plan.TARGETS["h100x1"])
+  jax_state = None
+  if cfg.rollout.sglang_sleep:
+    total = sglang_memory.gpu_memory_bytes()
+    sizes = cfg.mesh.axis_sizes(len(devices) * jax.process_count())
+    jax_state = plan.Model.build(cfg, q, plan.abstract_mesh(sizes)).state_bytes()
+    fraction = sglang_memory.sleep_jax_fraction(total or 1, sglang_memory.config_tp(cfg))
+  else:
+    total = int(stats["bytes_limit"] / fraction) if stats.get("bytes_limit") else None
+  if not total:
     warnings.warn("SGLang: the GPU reports no memory statistics; launching with rollout.sglang_args unsized")
     return args
-  q = plan.model_config(cfg, plan.TARGETS["h100x1"])
-  mem = sglang_memory.for_config(cfg, q, device_memory=int(stats["bytes_limit"] / fraction), jax_fraction=fraction,
-                                 gpus=len(devices), nodes=jax.process_count())
+  mem = sglang_memory.for_config(cfg, q, device_memory=total, jax_fraction=fraction, gpus=len(devices),
+                                 nodes=jax.process_count(), jax_state=jax_state)
   if not mem.starts:
     raise RuntimeError(f"SGLang cannot start beside JAX: {mem.summary()}. Lower XLA_PYTHON_CLIENT_MEM_FRACTION "
                        f"(JAX's share, now {fraction}) or use a smaller model")
-  if not mem.fits:
+  if not mem.fits and mem.sleep:
+    log.warning("%s: the step's rollouts run in waves (python -m srpo_jax.plan)", mem.summary())
+  elif not mem.fits:
     log.warning("%s: the step's rollouts run in waves; XLA_PYTHON_CLIENT_MEM_FRACTION=%.3f would hold them (if JAX's "
                 "programs fit there: python -m srpo_jax.plan)", mem.summary(), mem.jax_fraction_to_fit())
   else:
@@ -675,10 +687,18 @@ class Trainer:
     self.state = TrainState(params=params, opt_state=opt_state, teacher=jax.tree.map(jnp.copy, params))
     self.fns = make_train_fns(self.graphdef, self.optimizer, LossHParams.from_config(cfg), shardings)
     wall_s, train_s = self._restore() if cfg.resume and latest is not None else (0.0, 0.0)
-    self.engine = engine or build_engine(cfg, self.graphdef, self.state.params, self.tokenizer, mesh,
-                                         version=self.state.step)
+    time_shared = cfg.rollout.engine == "sglang" and cfg.rollout.sglang_sleep
+    if time_shared:  # a launched server sizes its KV pool from the memory JAX leaves it: only the parameters
+      self._state_to(time_share.HOST)
+    engine = engine or build_engine(cfg, self.graphdef, self.state.params, self.tokenizer, mesh,
+                                    version=self.state.step)
+    self.engine = (time_share.TimeSharedEngine(engine, lambda: self._state_to(time_share.HOST),
+                                               lambda: self._state_to(time_share.DEVICE)) if time_shared else engine)
     try:  # Before the run's first rollout (fresh or resumed): the engine holds exactly these weights, and says so.
       self.engine.ensure_weights(self.state.params, self.state.step)
+      if time_shared:  # the server sleeps whenever it does not generate
+        self.engine.sleep()
+        self._state_to(time_share.DEVICE)
     except BaseException:
       self.engine.close()
       raise
@@ -692,6 +712,11 @@ class Trainer:
   params = property(lambda self: self.state.params)
   teacher = property(lambda self: self.state.teacher)
   step = property(lambda self: self.state.step)
+
+  def _state_to(self, kind: str) -> None:
+    """The optimizer state and the EMA teacher to memory `kind` (`time_share`: host while the server generates)."""
+    self.state.opt_state = time_share.to_memory(self.state.opt_state, kind)
+    self.state.teacher = time_share.to_memory(self.state.teacher, kind)
 
   # -- checkpoint state --------------------------------------------------------------------------------------------
   def save(self):

@@ -7,6 +7,11 @@ SGLang's `http_server.py` / `io_struct.py` (as read from the SGLang sources; see
   POST /update_weights_from_disk      {"model_path", "weight_version"} -> {"success", "message", ...}
   GET  /get_model_info                {"model_path", "weight_version", ...} plus fake_* debugging fields
   GET|POST /flush_cache
+  GET  /get_server_info               {"device", "enable_memory_saver", "dp_size"}
+  POST /release_memory_occupation     {"tags": null | [...]}: as SGLang's, released regions must be resumed before use:
+  POST /resume_memory_occupation      /generate answers 500 while the weights or the KV cache are released, and
+                                      /update_weights_from_disk 400 while the weights are; resumed weights hold no
+                                      values (fingerprint "lost") until weights are loaded again
 Tokens are fake and deterministic given (prompt, sampling_seed): see `fake_generate`. Passing these tests shows the
 engine honours this contract; it does not show that real SGLang answers the same way.
 
@@ -25,6 +30,8 @@ failure switches:
   --fake-trickle-after N      ...answer one byte a second (headers, then the body: a stalled network / proxy)
   --fake-bind-delay S         sleep S seconds before binding the port (SGLang binds only after loading the model), so
                               a port already taken fails late, with EADDRINUSE, as SGLang does
+  --device D, --enable-memory-saver   reported by /get_server_info (the engine refuses to sleep a GPU server without
+                              the memory saver)
   --dp-size N                 N data-parallel ranks: the sequences of a batch go to ranks in turn (round robin, as
                               SGLang's DataParallelController); /get_model_info's fake_dp_sequences counts them
   --fake-corrupt KIND         every /generate output is broken: nan_logprob | pos_logprob | bad_entry | oob_token |
@@ -55,6 +62,9 @@ SGLANG_SAMPLING_KEYS = frozenset({
     "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n", "json_schema", "regex",
     "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
     "custom_params", "stream_interval", "logit_bias", "sampling_seed"})
+
+
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")  # SGLang's GPU_MEMORY_ALL_TYPES
 
 
 def weights_fingerprint(model_path: str) -> str:
@@ -113,6 +123,8 @@ class FakeState:
     self.next_rank = 0
     self.salt = 0
     self.child: subprocess.Popen | None = None
+    self.released: set[str] = set()  # memory regions released and not resumed
+    self.occupation_calls: list[str] = []  # "release:tags" / "resume:tags", in order
 
   def healthy(self) -> bool:
     return not self.args.fake_never_healthy and time.monotonic() - self.started >= self.args.fake_startup_delay
@@ -145,7 +157,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
       self._send(200, {"model_path": st.model_path, "tokenizer_path": st.model_path, "is_generation": True,
                        "weight_version": st.weight_version, "fake_pid": os.getpid(),
                        "fake_child_pid": st.child.pid if st.child else None, "fake_weights_sha": st.weights,
-                       "fake_generate_requests": st.generate_requests, "fake_dp_sequences": st.dp_sequences})
+                       "fake_generate_requests": st.generate_requests, "fake_dp_sequences": st.dp_sequences,
+                       "fake_released": sorted(st.released), "fake_occupation_calls": st.occupation_calls})
+    elif self.path == "/get_server_info":
+      self._send(200, {"device": st.args.device, "enable_memory_saver": st.args.enable_memory_saver,
+                       "dp_size": st.args.dp_size, "weight_version": st.weight_version})
     elif self.path == "/flush_cache":
       self._send(200, b"Cache flushed.\n")
     else:
@@ -156,7 +172,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
     body = self._body()
     if self.path == "/generate":
       self._generate(body)
+    elif self.path in ("/release_memory_occupation", "/resume_memory_occupation"):
+      tags = (body or {}).get("tags") or list(MEMORY_TAGS)
+      release = self.path.startswith("/release")
+      if not release and not set(tags) <= st.released:  # SGLang: offload_tags.remove(tag) of a tag never released
+        self._send(400, {"error": {"message": f"resume of {sorted(set(tags) - st.released)}: not released"}})
+        return
+      st.released = st.released | set(tags) if release else st.released - set(tags)
+      if not release and "weights" in tags:
+        st.weights = "lost"  # no CPU backup: the woken weights hold garbage until a load
+      st.occupation_calls.append(f"{'release' if release else 'resume'}:{','.join(sorted(tags))}")
+      self._send(200, None)
     elif self.path == "/update_weights_from_disk":
+      if "weights" in st.released:
+        self._send(400, {"success": False, "message": "weights are released (resume_memory_occupation first)",
+                         "num_paused_requests": 0})
+        return
       path = body.get("model_path", "")
       if not os.path.isdir(path):
         self._send(400, {"success": False, "message": f"model_path {path!r} is not a directory",
@@ -174,6 +205,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
   def _generate(self, body: dict[str, Any]) -> None:
     st = self.state
+    if st.released & {"weights", "kv_cache"}:
+      self._send(500, {"error": {"message": f"generate while {sorted(st.released)} are released"}})
+      return
     with st.lock:
       st.generate_requests += 1
       count = st.generate_requests
@@ -289,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
   # SGLang's data parallelism: one scheduler per rank, each request of a batch sent to the next rank in turn (its
   # DataParallelController's round_robin); the fake counts the sequences each rank got (/get_model_info).
   parser.add_argument("--dp-size", type=int, default=1)
+  parser.add_argument("--device", default="cpu")
+  parser.add_argument("--enable-memory-saver", action="store_true")
   args, unknown = parser.parse_known_args(argv)
   state = FakeState(args)
   if args.fake_spawn_child:

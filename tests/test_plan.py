@@ -116,7 +116,7 @@ def test_planned_programs_are_the_trainers():
     cfg = load_config("configs/qwen3_8b.py", overrides, param)
     shapes = plan.Shapes.from_config(cfg, 8)
     q = plan.model_config(cfg, plan.TARGETS["h100x8"])
-    model = plan.Model.build(cfg, q, plan._abstract_mesh(cfg.mesh.axis_sizes(8)))
+    model = plan.Model.build(cfg, q, plan.abstract_mesh(cfg.mesh.axis_sizes(8)))
     built = [p.name for p in plan.build_programs(cfg, model, shapes, None, donate=True)]  # lowered lazily: no mesh
     assert set(built) == set(plan.analytic_activations(q, shapes, 8, 1)), built
     return built
@@ -144,12 +144,12 @@ def test_state_bytes_are_exact():
   d, L, v, h = q.hidden_size, q.num_hidden_layers, q.vocab_size, q.head_dim
   norms = L * (2 * d + 2 * h) + d  # 4 RMSNorm scales per layer and the final one: replicated ("norm", "head_dim")
   count = 2 * v * d + L * plan.layer_param_count(q) + norms  # untied head
-  model = plan.Model.build(cfg, q, plan._abstract_mesh({"data": 1, "fsdp": 8, "tensor": 1}))
+  model = plan.Model.build(cfg, q, plan.abstract_mesh({"data": 1, "fsdp": 8, "tensor": 1}))
   st = model.state_bytes()
   assert st["parameters"] == (count - norms) * 4 // 8 + norms * 4
   assert 2 * st["parameters"] <= st["optimizer state"] <= 2 * st["parameters"] + 1024
   assert st["teacher"] == st["gradients"] == st["parameters"]
-  one = plan.Model.build(cfg, q, plan._abstract_mesh({"data": 1, "fsdp": 1, "tensor": 1})).state_bytes()
+  one = plan.Model.build(cfg, q, plan.abstract_mesh({"data": 1, "fsdp": 1, "tensor": 1})).state_bytes()
   assert one["parameters"] == count * 4
 
 
@@ -227,7 +227,7 @@ def _plan_with(cfg, temporaries: int, resident_scale: float = 1.0) -> plan.Plan:
   q = plan.model_config(cfg, plan.TARGETS["h100x8"])
   sizes = cfg.mesh.axis_sizes(8)
   shapes = plan.Shapes.from_config(cfg, 8)
-  state = plan.Model.build(cfg, q, plan._abstract_mesh(sizes)).state_bytes()
+  state = plan.Model.build(cfg, q, plan.abstract_mesh(sizes)).state_bytes()
   state = {k: int(v * resident_scale) for k, v in state.items()}
   p = plan.Plan(config="x", target="h100x8", device="H100", num_devices=8, mesh=sizes, model={},
                 shapes=dataclasses_asdict(shapes), device_memory=80 * 2**30, fraction=0.55, fraction_source="",

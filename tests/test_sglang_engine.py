@@ -253,3 +253,40 @@ def test_sampling_keys_are_sglangs_and_a_misspelt_one_is_refused(tmp_path, monke
   with _engine(tmp_path) as eng:
     with pytest.raises(se.SGLangError, match=r"400.*unknown sampling_params keys \['top_kk'\]"):
       eng.generate([[1, 2]], SamplingParams(max_new_tokens=2))
+
+
+def test_sleep_releases_everything_and_generate_wakes_weights_before_the_cache(tmp_path):
+  """`sleep` releases the server's weights, KV cache and CUDA graphs; `generate` resumes the weights, reloads the
+  current export into them (SGLang keeps no copy) and only then the cache; `update_weights` wakes only the weights,
+  after its export. The fake refuses to generate or load while the memory is released, as SGLang would fail."""
+  sampling = SamplingParams(max_new_tokens=4, seed=3)
+  with _engine(tmp_path, export_fn=_export_marker) as eng:
+    eng.update_weights({"version": 1}, 1)
+    before = eng.generate([[1, 2, 3]], sampling, n=2)
+    eng.sleep()
+    eng.sleep()  # idempotent: nothing more to release
+    info = eng.get_model_info()
+    assert info["fake_released"] == ["cuda_graph", "kv_cache", "weights"]
+    after = eng.generate([[1, 2, 3]], sampling, n=2)
+    assert [c.token_ids.tolist() for c in after[0]] == [c.token_ids.tolist() for c in before[0]]
+    info = eng.get_model_info()
+    assert info["fake_released"] == [] and info["fake_weights_sha"] != "lost" and info["weight_version"] == "1"
+    eng.sleep()
+    eng.update_weights({"version": 2}, 2)
+    info = eng.get_model_info()
+    assert info["fake_released"] == ["cuda_graph", "kv_cache"] and info["weight_version"] == "2"
+    assert json.loads(pathlib.Path(info["model_path"], "marker.json").read_text()) == {"version": 2}
+    assert {c.weight_version for c in eng.generate([[4]], sampling, n=2)[0]} == {2}
+    assert eng.get_model_info()["fake_occupation_calls"] == [
+        "release:cuda_graph,kv_cache,weights", "resume:weights", "resume:cuda_graph,kv_cache",
+        "release:cuda_graph,kv_cache,weights", "resume:weights", "resume:cuda_graph,kv_cache"]
+
+
+def test_sleep_refuses_a_gpu_server_without_the_memory_saver(tmp_path):
+  with _engine(tmp_path, "--device", "cuda") as eng:
+    with pytest.raises(se.SGLangError, match="--enable-memory-saver"):
+      eng.sleep()
+    assert eng.get_model_info()["fake_released"] == []  # nothing was released
+  with _engine(tmp_path, "--device", "cuda", "--enable-memory-saver") as eng:
+    eng.sleep()
+    assert eng.get_model_info()["fake_released"] == ["cuda_graph", "kv_cache", "weights"]

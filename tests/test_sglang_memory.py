@@ -110,14 +110,14 @@ class _FakeGPU:
 def test_trainer_sizes_an_owned_server_on_gpus(monkeypatch):
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.55")
   from tests.test_plan import load_config
-  cfg = load_config("configs/qwen3_0_6b.py")
+  cfg = load_config("configs/qwen3_0_6b.py", {"rollout.sglang_sleep": False})
   assert cfg.rollout.sglang_args == ()  # no fixed fraction any more: the trainer sizes it
   args = trainer.owned_sglang_args(cfg, [_FakeGPU(int(H200 * 0.55))] * 8)
   expected = sm.for_config(cfg, plan.model_config(cfg, plan.TARGETS["h200x8"]),
                            device_memory=int(int(H200 * 0.55) / 0.55), jax_fraction=0.55, gpus=8)
   assert args == expected.cli() and expected.fits
   assert trainer.owned_sglang_args(cfg, jax.local_devices()) == []  # the CPU: nothing to size
-  big = load_config("configs/qwen3_8b.py", {"mesh.fsdp": 1, "mesh.data": -1})
+  big = load_config("configs/qwen3_8b.py", {"mesh.fsdp": 1, "mesh.data": -1, "rollout.sglang_sleep": False})
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.8")
   with pytest.raises(RuntimeError, match="cannot start beside JAX"):  # 15 GiB of weights, 14.8 GiB beside JAX's 0.8
     trainer.owned_sglang_args(big, [_FakeGPU(int(H100 * 0.8))] * 8)
@@ -165,3 +165,67 @@ def test_exports_in_ram_are_removed_at_close(tmp_path):
     assert eng.get_model_info()["model_path"] == str(ram / "v00000001")
     assert sorted(os.listdir(ram)) == ["v00000001"]
   assert not ram.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Time-shared (rollout.sglang_sleep, the paper configs' default)
+# ---------------------------------------------------------------------------------------------------------------------
+PAPER = [(c, t) for c in ("configs/qwen3_0_6b.py", "configs/qwen3_4b.py", "configs/qwen3_8b.py")
+         for t in ("h100x8", "h200x8", "h20x8")]
+
+
+@pytest.mark.parametrize("config,target", PAPER)
+def test_time_shared_paper_configs_hold_the_steps_rollouts(config, target):
+  """Issue 21 item 3: every paper config on its targets holds SGLang's weights and a KV pool for all of the step's
+  rollouts beside JAX (its parameters while the server generates), JAX's peak fits beside the sleeping server, and
+  the refit fits; the arithmetic closes on the GPU's bytes."""
+  from tests.test_plan import load_config
+  cfg = load_config(config)
+  assert cfg.rollout.sglang_sleep and cfg.rollout.engine == "sglang"
+  tgt = plan.TARGETS[target]
+  p = plan.make_plan(cfg, tgt, analytic=True)
+  sg, total = p.sglang, tgt.device_memory_bytes()
+  assert sg["sleep"] and "--enable-memory-saver" in sg["summary"]
+  assert p.jax_fits and sg["fits"] and sg["kv_tokens"] >= sg["need_tokens"], p.sglang["summary"]
+  # SGLang starts beside JAX's parameters and its outside memory; awake it takes pre × f and leaves the headroom.
+  assert sg["free_at_start"] + sg["jax_rollout_bytes"] + sm.JAX_OUTSIDE_POOL_BYTES + sm.SGLANG_CONTEXT_BYTES == total
+  assert sg["jax_rollout_bytes"] == p.state["parameters"]
+  assert sg["kv_bytes"] + sg["weights"] <= sg["free_at_start"] * sg["mem_fraction_static"] + 1
+  # Asleep it keeps its context and reserve; JAX's budget is the rest.
+  assert p.budget == int(total * (1 - (sm.JAX_OUTSIDE_POOL_BYTES + sm.sleep_reserve_bytes()) / total))
+  assert sg["refit_bytes"] <= total
+
+
+def test_time_sharing_is_what_fits_qwen3_8b_on_an_h100():
+  """The same config beside JAX's fixed 55% share: SGLang's KV pool holds fewer than half of the step's rollouts."""
+  from tests.test_plan import load_config
+  shared = plan.make_plan(load_config("configs/qwen3_8b.py"), plan.TARGETS["h100x8"], analytic=True)
+  fixed = plan.make_plan(load_config("configs/qwen3_8b.py", {"rollout.sglang_sleep": False}), plan.TARGETS["h100x8"],
+                         analytic=True)
+  assert shared.fits and not fixed.fits
+  assert fixed.sglang["kv_tokens"] < fixed.sglang["need_tokens"] / 2 < shared.sglang["need_tokens"]
+  assert "time-shared" in plan.format_plan(shared) and "time-shared" not in plan.format_plan(fixed)
+  tight = plan.make_plan(load_config("configs/qwen3_8b.py", {"rollout.max_new_tokens": 16384}),
+                         plan.TARGETS["h100x8"], analytic=True)
+  assert not tight.fits and "rollout.sglang_sleep" in plan.failure_message(None, tight)
+
+
+def test_time_shared_owned_server_args(monkeypatch):
+  """The trainer launches a time-shared server with the memory saver, sized from the GPU's total memory (nvidia-smi)
+  beside JAX's parameters as the planner counts them; the switch is added once, never over the user's."""
+  from tests.test_plan import load_config
+  cfg = load_config("configs/qwen3_8b.py")
+  monkeypatch.setattr(sm, "gpu_memory_bytes", lambda timeout_s=10.0: H100)
+  args = trainer.owned_sglang_args(cfg, [_FakeGPU(0)] * 8)
+  p = plan.make_plan(cfg, plan.TARGETS["h100x8"], analytic=True)
+  assert args == sm.owned_server_args([], sm.for_config(
+      cfg, plan.model_config(cfg, plan.TARGETS["h100x8"]), device_memory=H100, jax_fraction=p.fraction, gpus=8,
+      jax_state=p.state))
+  assert args.count("--enable-memory-saver") == 1 and float(sm.flag_value(args, "--mem-fraction-static")) > 0.9
+  assert sm.owned_server_args(["--enable-memory-saver", "--dp-size", "4"], p_mem := sm.for_config(
+      cfg, plan.model_config(cfg, plan.TARGETS["h100x8"]), device_memory=H100, jax_fraction=p.fraction, gpus=8,
+      jax_state=p.state)).count("--enable-memory-saver") == 1
+  assert p_mem.sleep and sm.flag_value(sm.owned_server_args(["--dp-size", "4"], p_mem), "--dp-size") == "4"
+  monkeypatch.setattr(sm, "gpu_memory_bytes", lambda timeout_s=10.0: None)
+  with pytest.warns(UserWarning, match="unsized"):
+    assert trainer.owned_sglang_args(cfg, [_FakeGPU(0)] * 8) == []

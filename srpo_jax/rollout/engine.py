@@ -87,6 +87,10 @@ class RolloutEngine(abc.ABC):
     """
     self.update_weights(params, version)
 
+  def sleep(self) -> None:
+    """Frees the device memory the engine shares with the trainer until its next `generate` / `update_weights`
+    (`rollout.sglang_sleep`: a server releases its weights and KV cache). Default: nothing to free."""
+
   def interrupt(self) -> None:
     """Asks every wait of the engine to end soon with `RolloutInterrupted`. Safe in a signal handler (it only sets a
     flag); later calls raise at once. An in-process engine computing on the host has nothing to interrupt."""

@@ -16,6 +16,9 @@ HTTP API used (SGLang `python/sglang/srt/entrypoints/http_server.py`, `managers/
   POST /update_weights_from_disk  {"model_path": dir, "weight_version": "<str>"}
                                   -> {"success": bool, "message": str, "num_paused_requests": int} (200 / 400)
   GET  /get_model_info            {"model_path", "weight_version", ...}
+  GET  /get_server_info           the server's arguments ("enable_memory_saver", "device", ...)
+  POST /release_memory_occupation {"tags": null | [...]}: frees weights / KV cache / CUDA graphs (`sleep`; 200, null)
+  POST /resume_memory_occupation  {"tags": [...]}: maps them again (the weights without values: reloaded after)
 
 Choices and where they depart from the `RolloutEngine` contract:
 - n samples per prompt are sent as n copies of the prompt (each with `n = 1`), not with SGLang's `n` parameter: the
@@ -97,6 +100,11 @@ class _Retryable(Exception):
 # ---------------------------------------------------------------------------------------------------------------------
 # Pure helpers: request building and response parsing.
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+# SGLang's memory regions (`sglang.srt.constants.GPU_MEMORY_ALL_TYPES`), in the order they are resumed: the weights are
+# reloaded before the KV cache comes back (the refit then needs no room for the cache).
+GPU_MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 
 
 def sample_seed(base_seed: int, prompt_index: int, sample_index: int) -> int:
@@ -388,6 +396,8 @@ class SGLangEngine(RolloutEngine):
     self._warned_filters = False
     self._stop = threading.Event()  # interrupt() / close(): every wait ends with RolloutInterrupted.
     self._prev_handlers: dict[int, Any] = {}
+    self._released: set[str] = set()  # memory the server released (`sleep`) and has not resumed
+    self._saver_checked = False
 
     atexit.register(self.close)
     if install_signal_handlers:
@@ -425,6 +435,7 @@ class SGLangEngine(RolloutEngine):
       if not p:
         raise ValueError(f"generate: prompt_token_ids[{i}] is empty")
     self._maybe_warn_filters(sampling)
+    self._wake(GPU_MEMORY_TAGS)  # after `sleep`: the weights (reloaded) first, then the KV cache and CUDA graphs
     items = [(i, j) for i in range(len(prompts)) for j in range(n)]  # Prompt-major: result order == item order.
     chunks = [items[k:k + self.max_batch_size] for k in range(0, len(items), self.max_batch_size)]
     if not chunks:
@@ -452,6 +463,11 @@ class SGLangEngine(RolloutEngine):
       raise ValueError("SGLangEngine.update_weights needs export_fn(params, out_dir) (none was given)")
     version = int(version)
     out_dir = self._export(params, version)
+    self._wake(("weights",), reload=False)  # the export first: JAX's cast and layout run while the server sleeps
+    self._load(out_dir, version)
+
+  def _load(self, out_dir: pathlib.Path, version: int) -> None:
+    """`/update_weights_from_disk` of `out_dir`, tagged `version` (a dead owned server restarts from it)."""
     body = {"model_path": str(out_dir), "weight_version": str(version)}
     for attempt in range(self.max_retries + 1):
       gen, url = self._snapshot()
@@ -476,6 +492,51 @@ class SGLangEngine(RolloutEngine):
     with self._lock:
       self.model_path, self.version, self._version_tag = str(out_dir), version, str(version)
     self._prune_exports()
+
+  def sleep(self) -> None:
+    """`/release_memory_occupation` of everything (weights, KV cache, CUDA graphs) until the next `generate` or
+    `update_weights` wakes what it needs: with `--enable-memory-saver` (torch_memory_saver) SGLang unmaps their GPU
+    memory for the trainer. Only between requests (SGLang asserts it is idle). Raises `SGLangError` for a GPU server
+    without the memory saver (it would keep every byte while the trainer counts on them)."""
+    if self._closed:
+      raise SGLangError("SGLangEngine.sleep called after close()")
+    if self._released:
+      return
+    if not self._saver_checked:
+      info = self._server_info()
+      if not info.get("enable_memory_saver") and str(info.get("device", "cuda")) != "cpu":
+        raise SGLangError(f"rollout.sglang_sleep: the server at {self.url} runs on {info.get('device', 'cuda')!r} "
+                          f"without --enable-memory-saver, so releasing its memory frees nothing; launch it with "
+                          f"--enable-memory-saver (launch/sglang_server.sh SLEEP=1) or set rollout.sglang_sleep=false")
+      self._saver_checked = True
+    self._occupation("/release_memory_occupation", None)
+    self._released = set(GPU_MEMORY_TAGS)
+
+  def _wake(self, tags: Sequence[str], *, reload: bool = True) -> None:
+    """`/resume_memory_occupation` of the released `tags` among `tags`. Woken weights hold no values (SGLang keeps no
+    CPU copy): with `reload`, the current export is loaded into them again."""
+    tags = [t for t in GPU_MEMORY_TAGS if t in tags and t in self._released]
+    if "weights" in tags:  # alone and first: the reload then has the room the KV cache will take
+      self._occupation("/resume_memory_occupation", ["weights"])
+      self._released.discard("weights")
+      if reload:
+        self._load(pathlib.Path(self.model_path), self.version)
+      tags.remove("weights")
+    if tags:
+      self._occupation("/resume_memory_occupation", tags)
+      self._released -= set(tags)
+
+  def _occupation(self, path: str, tags: Sequence[str] | None) -> None:
+    status, reply = self._request("POST", path, {"tags": list(tags) if tags is not None else None},
+                                  self.health_timeout_s)
+    if status != 200:
+      raise SGLangError(f"{self.url}{path} (tags {tags or 'all'}) answered HTTP {status}: {str(reply)[:300]}")
+
+  def _server_info(self) -> dict[str, Any]:
+    status, reply = self._request("GET", "/get_server_info", None, min(30.0, self.health_timeout_s))
+    if status != 200 or not isinstance(reply, Mapping):
+      raise SGLangError(f"{self.url}/get_server_info answered HTTP {status}: {str(reply)[:300]}")
+    return dict(reply)
 
   def _flush_cache_when_idle(self, url: str, version: int) -> None:
     """`/flush_cache?timeout=` waits (up to health_timeout_s) for the running requests to end, then flushes."""
@@ -562,6 +623,7 @@ class SGLangEngine(RolloutEngine):
       self._proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
     self._server_gen += 1
+    self._released = set()  # a fresh server holds all of its memory
     try:
       if self._closed:
         raise SGLangError("SGLangEngine closed while the server was (re)starting")

@@ -21,12 +21,24 @@ that the pool holds the step's rollouts: prompts_per_step × n × (max prompt + 
 data-parallel servers (`--dp-size` = the node's GPUs / tp), with no credit for prefix sharing (a round-robin
 data-parallel router sends a prompt's n copies to different GPUs).
 
+Time-shared (`rollout.sglang_sleep`, the paper configs): the server releases its weights, KV cache and CUDA graphs
+(`/release_memory_occupation`; torch_memory_saver unmaps their physical memory) while JAX trains, and JAX, on the
+platform allocator (no pool), keeps only its parameters on the GPU while the server generates (the optimizer state and
+the EMA teacher wait in pinned host memory: `srpo_jax.rollout.time_share`). Then
+
+  pre = total - JAX's parameters - JAX's memory outside its arrays - SGLang's context      (SGLang's start, awake)
+  JAX's budget = total - JAX's memory outside its arrays - what a sleeping server keeps   (`sleep_reserve_bytes`)
+
+and the refit (JAX's state minus its gradients, plus a bf16 copy of its shard, beside the server's reloaded weights)
+must fit too (`refit_bytes`).
+
 Not measured on a GPU here: `JAX_OUTSIDE_POOL_BYTES` and the headroom are estimates (BUILD_NOTES.md, "SGLang memory").
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
 from typing import Optional, Sequence
 
 GiB = float(2**30)
@@ -49,6 +61,12 @@ def headroom_bytes(tp: int = 1, pp: int = 1, chunked_prefill: int = CHUNKED_PREF
   """SGLang's runtime reserve (its `_handle_gpu_memory_settings`: 512 MiB + 1.5 MiB per chunked-prefill token +
   tp·pp/8 GiB + the CUDA graph reserve), without the 10 GiB floor it applies to a whole GPU of over 60 GB."""
   return int((512 + 1.5 * max(chunked_prefill, 2048) + tp * pp / 8 * 1024 + _GRAPH_RESERVE_MIB) * MiB)
+
+
+def sleep_reserve_bytes(tp: int = 1) -> int:
+  """What a sleeping server keeps on each GPU while JAX trains: its CUDA context and its runtime reserve (torch's cached
+  activation blocks); its weights, KV cache and CUDA graphs are released."""
+  return SGLANG_CONTEXT_BYTES + headroom_bytes(tp)
 
 
 def kv_bytes_per_token(q, tp: int = 1) -> int:
@@ -90,6 +108,14 @@ class SGLangMemory:
   kv_bytes: int
   kv_tokens: int
   need_tokens: int             # the step's rollouts on one data-parallel server
+  # Time-shared (rollout.sglang_sleep): JAX's bytes on each GPU while the server generates (its parameters), and the
+  # refit's peak (JAX's state, a bf16 copy of its shard, the server's reloaded weights); None: JAX's preallocated share.
+  jax_rollout_bytes: Optional[int] = None
+  refit_bytes: Optional[int] = None
+
+  @property
+  def sleep(self) -> bool:
+    return self.jax_rollout_bytes is not None
 
   @property
   def starts(self) -> bool:
@@ -97,8 +123,12 @@ class SGLangMemory:
     return self.kv_tokens > 0
 
   @property
+  def refit_fits(self) -> bool:
+    return self.refit_bytes is None or self.refit_bytes <= self.device_memory
+
+  @property
   def fits(self) -> bool:
-    return self.kv_tokens >= self.need_tokens
+    return self.kv_tokens >= self.need_tokens and self.refit_fits
 
   @property
   def share(self) -> float:
@@ -108,7 +138,8 @@ class SGLangMemory:
   def cli(self) -> list[str]:
     """The `sglang.launch_server` flags of this sizing."""
     return ["--dp-size", str(self.dp), "--tp-size", str(self.tp), "--mem-fraction-static",
-            f"{self.mem_fraction_static:.3f}", "--chunked-prefill-size", str(CHUNKED_PREFILL_TOKENS)]
+            f"{self.mem_fraction_static:.3f}", "--chunked-prefill-size", str(CHUNKED_PREFILL_TOKENS)] + (
+                ["--enable-memory-saver"] if self.sleep else [])
 
   def mem_fraction_static_first(self) -> float:
     """--mem-fraction-static for a server started BEFORE the trainer on the same GPUs (launch/sglang_server.sh under
@@ -124,26 +155,40 @@ class SGLangMemory:
     return math.floor((1 - sglang / self.device_memory) * 1000) / 1000
 
   def summary(self) -> str:
+    jax = (f"JAX's parameters {self.jax_rollout_bytes / GiB:.1f} GiB (time-shared: its optimizer state and teacher "
+           f"in host memory)" if self.sleep else f"JAX {self.jax_fraction:.2f} × {self.device_memory / GiB:.1f} GiB")
+    refit = (f"; refit peak {self.refit_bytes / GiB:.1f} GiB of {self.device_memory / GiB:.1f}"
+             if self.refit_bytes is not None else "")
     return (f"SGLang per GPU (owned, {' '.join(self.cli())}): share {self.share:.2f} = "
-            f"{self.free_at_start / GiB:.1f} GiB free at its start (JAX {self.jax_fraction:.2f} × "
-            f"{self.device_memory / GiB:.1f} GiB + {JAX_OUTSIDE_POOL_BYTES / GiB:.1f} GiB outside JAX's pool, "
+            f"{self.free_at_start / GiB:.1f} GiB free at its start ({jax} + "
+            f"{JAX_OUTSIDE_POOL_BYTES / GiB:.1f} GiB outside JAX's arrays, "
             f"{SGLANG_CONTEXT_BYTES / GiB:.2f} GiB SGLang's context); weights "
             f"{self.weights / GiB:.2f} GiB, headroom {self.headroom / GiB:.2f} GiB, KV "
             f"{max(self.kv_bytes, 0) / GiB:.2f} GiB = {max(self.kv_tokens, 0):,} tokens of {self.kv_per_token:,} B; the step's rollouts need "
             f"{self.need_tokens:,} tokens per server ({self.need_tokens * self.kv_per_token / GiB:.1f} GiB); a server started "
-            f"before the trainer: --mem-fraction-static {self.mem_fraction_static_first():.3f}")
+            f"before the trainer: --mem-fraction-static {self.mem_fraction_static_first():.3f}{refit}")
 
 
 def plan(q, *, device_memory: int, jax_fraction: float, gpus: int, prompts_per_step: int, n: int, max_prompt: int,
-         max_new: int, nodes: int = 1, tp: int = 1) -> SGLangMemory:
+         max_new: int, nodes: int = 1, tp: int = 1, jax_state: Optional[dict[str, int]] = None) -> SGLangMemory:
   """SGLang's memory on each of a node's `gpus` GPUs beside JAX's share; `nodes` servers split the step's prompts
-  (one per node, as `ProcessShardedEngine`); tp GPUs per data-parallel rank."""
+  (one per node, as `ProcessShardedEngine`); tp GPUs per data-parallel rank.
+
+  jax_state: time-shared (rollout.sglang_sleep): JAX's resident bytes per GPU by kind (`plan.Model.state_bytes`);
+  `jax_fraction` is then JAX's budget while the server sleeps (`sleep_jax_fraction`)."""
   if tp < 1 or gpus % tp:
     raise ValueError(f"SGLang --tp-size {tp} must divide the node's {gpus} GPUs")
   dp = gpus // tp
   weights = weight_bytes(q) // tp
   cell = kv_bytes_per_token(q, tp)
-  pre = int(device_memory * (1 - jax_fraction)) - JAX_OUTSIDE_POOL_BYTES - SGLANG_CONTEXT_BYTES
+  if jax_state is None:
+    jax_awake, refit = int(device_memory * jax_fraction), None
+  else:
+    jax_awake = jax_state["parameters"]
+    refit = (jax_state["parameters"] + jax_state["optimizer state"] + jax_state["teacher"]
+             + weight_bytes(q) // (gpus * max(nodes, 1)) + JAX_OUTSIDE_POOL_BYTES + SGLANG_CONTEXT_BYTES + weights
+             + headroom_bytes(tp))
+  pre = device_memory - jax_awake - JAX_OUTSIDE_POOL_BYTES - SGLANG_CONTEXT_BYTES
   headroom = headroom_bytes(tp)
   # Rounded down: the slack pre × (1 - f) is at least the headroom.
   fraction = math.floor((1 - headroom / pre) * 1000) / 1000 if pre > headroom else 0.0
@@ -152,15 +197,39 @@ def plan(q, *, device_memory: int, jax_fraction: float, gpus: int, prompts_per_s
   return SGLangMemory(device_memory=device_memory, jax_fraction=jax_fraction, gpus=gpus, tp=tp, dp=dp,
                       weights=weights, kv_per_token=cell, free_at_start=pre, headroom=headroom,
                       mem_fraction_static=fraction, kv_bytes=kv, kv_tokens=kv // cell if kv > 0 else 0,
-                      need_tokens=rollout_tokens(per_node, n, max_prompt, max_new, dp))
+                      need_tokens=rollout_tokens(per_node, n, max_prompt, max_new, dp),
+                      jax_rollout_bytes=None if jax_state is None else jax_awake, refit_bytes=refit)
 
 
-def for_config(cfg, q, *, device_memory: int, jax_fraction: float, gpus: int, nodes: int = 1) -> SGLangMemory:
-  """`plan` for a validated Config (its rollouts, prompt cap and any --tp-size / --tp in rollout.sglang_args)."""
+def sleep_jax_fraction(device_memory: int, tp: int = 1) -> float:
+  """JAX's share of a GPU it time-shares with a sleeping server: all but its own outside memory and the server's
+  `sleep_reserve_bytes`."""
+  return 1 - (JAX_OUTSIDE_POOL_BYTES + sleep_reserve_bytes(tp)) / device_memory
+
+
+def gpu_memory_bytes(timeout_s: float = 10.0) -> Optional[int]:
+  """The smallest total memory of this node's GPUs (`nvidia-smi`, within `timeout_s`); None when it cannot tell."""
+  try:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=timeout_s, check=True).stdout
+    return min(int(float(line)) for line in out.split()) * MiB
+  except (OSError, subprocess.SubprocessError, ValueError):
+    return None
+
+
+def config_tp(cfg) -> int:
+  """The server's --tp-size (or --tp) in rollout.sglang_args; 1 when unset."""
+  return int(flag_value(cfg.rollout.sglang_args, "--tp-size", "--tp") or 1)
+
+
+def for_config(cfg, q, *, device_memory: int, jax_fraction: float, gpus: int, nodes: int = 1,
+               jax_state: Optional[dict[str, int]] = None) -> SGLangMemory:
+  """`plan` for a validated Config (its rollouts, prompt cap and any --tp-size / --tp in rollout.sglang_args);
+  `jax_state` is used when the config time-shares (rollout.sglang_sleep)."""
   r = cfg.rollout
   return plan(q, device_memory=device_memory, jax_fraction=jax_fraction, gpus=gpus, nodes=nodes,
               prompts_per_step=r.prompts_per_step, n=r.n, max_prompt=cfg.data.max_prompt_tokens,
-              max_new=r.max_new_tokens, tp=int(flag_value(r.sglang_args, "--tp-size", "--tp") or 1))
+              max_new=r.max_new_tokens, tp=config_tp(cfg), jax_state=jax_state if r.sglang_sleep else None)
 
 
 def flag_value(args: Sequence[str], *names: str) -> Optional[str]:
@@ -178,10 +247,13 @@ def owned_server_args(user_args: Sequence[str], memory: SGLangMemory) -> list[st
   """The user's launch_server arguments plus this sizing's flags for what they leave unset (the user's win)."""
   out = list(user_args)
   ours = memory.cli()
-  for i in range(0, len(ours), 2):
+  i = 0
+  while i < len(ours):
+    width = 2 if i + 1 < len(ours) and not ours[i + 1].startswith("--") else 1  # `--flag value` or a switch
     names = (ours[i], "--tp") if ours[i] == "--tp-size" else (ours[i],)
-    if flag_value(user_args, *names) is None:
-      out += ours[i:i + 2]
+    if flag_value(user_args, *names) is None and ours[i] not in user_args:
+      out += ours[i:i + width]
+    i += width
   return out
 
 

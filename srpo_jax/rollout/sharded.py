@@ -65,6 +65,9 @@ class ProcessShardedEngine(RolloutEngine):
   def ensure_weights(self, params: Any, version: int) -> None:
     self.inner.ensure_weights(self._to_local(params), version)
 
+  def sleep(self) -> None:
+    self.inner.sleep()
+
   def interrupt(self) -> None:
     """Nothing to do: the trainer stops a multi-process run at a step boundary (see the module docstring)."""
 
