@@ -12,6 +12,8 @@
 #                      server starts. Beside the trainer on the same GPUs, started before it: `python -m
 #                      srpo_jax.plan --config=... --target=...` prints the value ("a server started before the
 #                      trainer: --mem-fraction-static X"), which leaves JAX its share
+#   SLEEP=0            1: add --enable-memory-saver, for a trainer with rollout.sglang_sleep=true (the paper configs):
+#                      the server releases its weights and KV cache while JAX trains (needs torch_memory_saver)
 #   HOST=127.0.0.1     bind address (keep it local: the server has no authentication unless you pass --api-key)
 #   WEIGHT_VERSION=0   the version the trainer will expect in meta_info.weight_version for these weights
 #   DETERMINISTIC=1    add --enable-deterministic-inference when this SGLang has it (batch-invariant kernels; needed
@@ -22,7 +24,7 @@
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
-  sed -n '2,21p' "$0" >&2
+  sed -n '2,23p' "$0" >&2
   exit 2
 fi
 CKPT="$1"; shift
@@ -52,6 +54,8 @@ ARGS=(
   --weight-version "${WEIGHT_VERSION:-0}"
   --random-seed "${SEED:-0}"
 )
+
+if [[ "${SLEEP:-0}" == 1 ]]; then ARGS+=(--enable-memory-saver); fi
 
 # --enable-deterministic-inference exists only in recent SGLang (0.5.x); probe instead of failing at argparse.
 if [[ "${DETERMINISTIC:-1}" == 1 ]]; then

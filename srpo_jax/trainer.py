@@ -207,8 +207,10 @@ def eos_ids(tokenizer) -> tuple[int, ...]:
   return tuple(tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
 
 
-def build_engine(cfg: Config, graphdef, params, tokenizer, mesh, version: int = 0) -> RolloutEngine:
-  """The configured engine; a launched SGLang server starts from an export of `params`, tagged `version`.
+def build_engine(cfg: Config, graphdef, params, tokenizer, mesh, version: int = 0,
+                 released: bool = False) -> RolloutEngine:
+  """The configured engine; a launched SGLang server starts from an export of `params`, tagged `version`; `released`:
+  an attached one was put to sleep (`sglang_engine.release_attached`).
 
   In a multi-process run each process gets its own engine (a JaxEngine on its own devices, or its node's SGLang
   server) wrapped in `ProcessShardedEngine`: it samples the process's share of the prompts and all-gathers the rest.
@@ -217,12 +219,13 @@ def build_engine(cfg: Config, graphdef, params, tokenizer, mesh, version: int = 
     from srpo_jax.rollout.sharded import ProcessShardedEngine
     local = distributed.local_mesh(mesh)
     to_local = lambda p: distributed.local_replica(p, local)
-    return ProcessShardedEngine(_process_engine(cfg, graphdef, to_local(params), tokenizer, local, version),
-                                to_local)
-  return _process_engine(cfg, graphdef, params, tokenizer, mesh, version)
+    return ProcessShardedEngine(_process_engine(cfg, graphdef, to_local(params), tokenizer, local, version,
+                                                released), to_local)
+  return _process_engine(cfg, graphdef, params, tokenizer, mesh, version, released)
 
 
-def _process_engine(cfg: Config, graphdef, params, tokenizer, mesh, version: int) -> RolloutEngine:
+def _process_engine(cfg: Config, graphdef, params, tokenizer, mesh, version: int,
+                    released: bool = False) -> RolloutEngine:
   if cfg.rollout.engine == "jax":
     from srpo_jax.rollout.jax_engine import JaxEngine
     buckets = {"prompt_buckets": cfg.rollout.length_buckets} if cfg.rollout.length_buckets else {}
@@ -251,7 +254,7 @@ def _process_engine(cfg: Config, graphdef, params, tokenizer, mesh, version: int
                       exports_dir=ram, remove_exports_dir=ram is not None,
                       run_dir=weights_dir, initial_version=version, vocab_size=int(params["embed"].shape[0]),
                       request_deadline_s=r.request_deadline_s, health_timeout_s=r.health_timeout_s,
-                      max_retries=r.request_retries, **python)
+                      max_retries=r.request_retries, released=released, **python)
 
 
 def owned_sglang_args(cfg: Config, devices) -> list[str]:
@@ -664,6 +667,11 @@ class Trainer:
     if latest is not None and not cfg.resume:
       raise FileExistsError(f"run_dir {cfg.run_dir!r} already holds checkpoints (latest step {latest}): pass "
                             "--config.resume=true to continue that run, or choose a new run_dir")
+    time_shared = cfg.rollout.engine == "sglang" and cfg.rollout.sglang_sleep
+    attached_asleep = time_shared and engine is None and cfg.rollout.sglang_url is not None
+    if attached_asleep:  # an attached server sleeps before JAX allocates its state beside it
+      from srpo_jax.rollout.sglang_engine import release_attached
+      release_attached(cfg.rollout.sglang_url, cfg.rollout.health_timeout_s)
     if model is None:  # a resumed run restores its weights: no warm-start needed
       model = build_model(cfg, mesh) if latest is not None else initial_model(cfg, self.tokenizer, mesh)
     else:  # an injected model goes where the programs expect its parameters (each jit declares their shardings)
@@ -687,11 +695,10 @@ class Trainer:
     self.state = TrainState(params=params, opt_state=opt_state, teacher=jax.tree.map(jnp.copy, params))
     self.fns = make_train_fns(self.graphdef, self.optimizer, LossHParams.from_config(cfg), shardings)
     wall_s, train_s = self._restore() if cfg.resume and latest is not None else (0.0, 0.0)
-    time_shared = cfg.rollout.engine == "sglang" and cfg.rollout.sglang_sleep
     if time_shared:  # a launched server sizes its KV pool from the memory JAX leaves it: only the parameters
       self._state_to(time_share.HOST)
     engine = engine or build_engine(cfg, self.graphdef, self.state.params, self.tokenizer, mesh,
-                                    version=self.state.step)
+                                    version=self.state.step, released=attached_asleep)
     self.engine = (time_share.TimeSharedEngine(engine, lambda: self._state_to(time_share.HOST),
                                                lambda: self._state_to(time_share.DEVICE)) if time_shared else engine)
     try:  # Before the run's first rollout (fresh or resumed): the engine holds exactly these weights, and says so.

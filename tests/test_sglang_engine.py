@@ -276,10 +276,12 @@ def test_sleep_releases_everything_and_generate_wakes_weights_before_the_cache(t
     info = eng.get_model_info()
     assert info["fake_released"] == ["cuda_graph", "kv_cache"] and info["weight_version"] == "2"
     assert json.loads(pathlib.Path(info["model_path"], "marker.json").read_text()) == {"version": 2}
+    eng.sleep()  # only the weights are awake: only they are released
     assert {c.weight_version for c in eng.generate([[4]], sampling, n=2)[0]} == {2}
     assert eng.get_model_info()["fake_occupation_calls"] == [
         "release:cuda_graph,kv_cache,weights", "resume:weights", "resume:cuda_graph,kv_cache",
-        "release:cuda_graph,kv_cache,weights", "resume:weights", "resume:cuda_graph,kv_cache"]
+        "release:cuda_graph,kv_cache,weights", "resume:weights", "release:weights", "resume:weights",
+        "resume:cuda_graph,kv_cache"]
 
 
 def test_sleep_refuses_a_gpu_server_without_the_memory_saver(tmp_path):
@@ -290,3 +292,19 @@ def test_sleep_refuses_a_gpu_server_without_the_memory_saver(tmp_path):
   with _engine(tmp_path, "--device", "cuda", "--enable-memory-saver") as eng:
     eng.sleep()
     assert eng.get_model_info()["fake_released"] == ["cuda_graph", "kv_cache", "weights"]
+
+
+def test_an_attached_server_released_before_the_trainer_allocates(tmp_path):
+  """rollout.sglang_sleep with sglang_url: the trainer puts the server to sleep first (`release_attached`), and the
+  engine it then makes knows: the first refit wakes the weights alone."""
+  with _engine(tmp_path, export_fn=_export_marker) as owner:
+    se.release_attached(owner.url, deadline_s=10.0)
+    assert owner.get_model_info()["fake_released"] == ["cuda_graph", "kv_cache", "weights"]
+    att = se.SGLangEngine("unused", url=owner.url, run_dir=tmp_path / "att", export_fn=_export_marker, released=True,
+                          health_timeout_s=10.0, request_deadline_s=10.0, install_signal_handlers=False)
+    try:
+      att.ensure_weights({"version": 1}, 1)
+      assert owner.get_model_info()["fake_released"] == ["cuda_graph", "kv_cache"]
+      assert {c.weight_version for c in att.generate([[1, 2]], SamplingParams(max_new_tokens=3), n=2)[0]} == {1}
+    finally:
+      att.close()

@@ -202,8 +202,14 @@ def test_refit_serves_the_new_weights_under_the_new_version(server, tok, models)
   assert {c.weight_version for g in out for c in g} == {V0 + 1}
   assert _max_logprob_diff(models[1], prompts, out, 1.0) <= TOL
   assert _max_logprob_diff(models[0], prompts, out, 1.0) > 100 * TOL  # stale weights would fail the line above
-  _push(eng, models[0], V0 + 2)  # back to A for the tests that follow
+  # Time-shared (rollout.sglang_sleep): the server releases its memory, the refit wakes its weights alone (back to A
+  # for the tests that follow); after another release a generate wakes the weights, reloads them, then the KV cache.
+  # (On the CPU SGLang has no memory saver, so nothing is unmapped: what runs here is the API and its order.)
+  eng.sleep()
+  _push(eng, models[0], V0 + 2)
+  eng.sleep()
   out = eng.generate(prompts[:1], SamplingParams(max_new_tokens=4, seed=3))
+  assert {c.weight_version for g in out for c in g} == {V0 + 2}
   assert _max_logprob_diff(models[0], prompts[:1], out, 1.0) <= TOL
 
 

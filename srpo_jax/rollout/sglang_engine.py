@@ -298,6 +298,17 @@ def _kill_group(proc: subprocess.Popen, grace_s: float) -> None:
     log.error("process %d survived SIGKILL of its group", proc.pid)
 
 
+def release_attached(url: str, deadline_s: float) -> None:
+  """`sleep` of a running server before the trainer allocates its state beside it (rollout.sglang_sleep with
+  rollout.sglang_url): its engine is then made with `released=True`."""
+  eng = SGLangEngine("unused", url=url, health_timeout_s=deadline_s, request_deadline_s=deadline_s,
+                     install_signal_handlers=False)
+  try:
+    eng.sleep()
+  finally:
+    eng.close()
+
+
 def ram_exports_dir(run_dir: str | os.PathLike, needed_bytes: int, root: str = "/dev/shm") -> pathlib.Path | None:
   """A directory for a run's weight exports in RAM (`root`, a tmpfs: the server reloads from memory, and writing
   there skips the disk), named after the run directory; None when `root` is missing or has not `needed_bytes` free."""
@@ -344,6 +355,7 @@ class SGLangEngine(RolloutEngine):
     exports_dir: where the exports go (default `run_dir/weights`), e.g. a RAM-backed directory (`ram_exports_dir`);
       with `remove_exports_dir`, the engine empties it first and removes it on `close()`.
     install_signal_handlers: on SIGTERM / SIGINT, kill the server, then run the previous handler.
+    released: an attached server's memory is released already (`release_attached`): the first use wakes it.
   """
 
   def __init__(self, model_path: str | os.PathLike, *, url: str | None = None,
@@ -354,7 +366,7 @@ class SGLangEngine(RolloutEngine):
                vocab_size: int | None = None, max_batch_size: int = 256, max_concurrency: int = 2,
                send_seeds: bool | None = None, keep_exports: int = 2, install_signal_handlers: bool = True,
                exports_dir: str | os.PathLike | None = None, remove_exports_dir: bool = False,
-               kill_grace_s: float = 10.0):
+               kill_grace_s: float = 10.0, released: bool = False):
     if max_retries < 0 or max_batch_size < 1 or max_concurrency < 1 or keep_exports < 1:
       raise ValueError(f"SGLangEngine: need max_retries >= 0, max_batch_size >= 1, max_concurrency >= 1, "
                        f"keep_exports >= 1; got {max_retries}, {max_batch_size}, {max_concurrency}, {keep_exports}")
@@ -396,8 +408,8 @@ class SGLangEngine(RolloutEngine):
     self._warned_filters = False
     self._stop = threading.Event()  # interrupt() / close(): every wait ends with RolloutInterrupted.
     self._prev_handlers: dict[int, Any] = {}
-    self._released: set[str] = set()  # memory the server released (`sleep`) and has not resumed
-    self._saver_checked = False
+    self._released: set[str] = set(GPU_MEMORY_TAGS) if released else set()  # released (`sleep`), not resumed
+    self._saver_checked = released
 
     atexit.register(self.close)
     if install_signal_handlers:
@@ -500,7 +512,8 @@ class SGLangEngine(RolloutEngine):
     without the memory saver (it would keep every byte while the trainer counts on them)."""
     if self._closed:
       raise SGLangError("SGLangEngine.sleep called after close()")
-    if self._released:
+    awake = [t for t in GPU_MEMORY_TAGS if t not in self._released]
+    if not awake:
       return
     if not self._saver_checked:
       info = self._server_info()
@@ -509,7 +522,7 @@ class SGLangEngine(RolloutEngine):
                           f"without --enable-memory-saver, so releasing its memory frees nothing; launch it with "
                           f"--enable-memory-saver (launch/sglang_server.sh SLEEP=1) or set rollout.sglang_sleep=false")
       self._saver_checked = True
-    self._occupation("/release_memory_occupation", None)
+    self._occupation("/release_memory_occupation", None if len(awake) == len(GPU_MEMORY_TAGS) else awake)
     self._released = set(GPU_MEMORY_TAGS)
 
   def _wake(self, tags: Sequence[str], *, reload: bool = True) -> None:
