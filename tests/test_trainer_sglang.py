@@ -12,7 +12,6 @@ import urllib.request
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import srpo_jax
 from srpo_jax import metrics as M

@@ -50,7 +50,6 @@ import concurrent.futures
 import hashlib
 import json
 import logging
-import math
 import os
 import pathlib
 import shutil
