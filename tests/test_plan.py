@@ -23,6 +23,7 @@ import pytest
 
 from srpo_jax import aot, batching, plan, trainer
 from srpo_jax.config import ConfigError, apply_overrides
+from srpo_jax.rollout import sglang_memory
 from tests.e2e_utils import REPO
 
 AOT_PYTHON = os.path.join(REPO, ".venv-aot", "bin", "python")
@@ -155,13 +156,24 @@ def test_state_bytes_are_exact():
 
 def test_jax_memory_share(monkeypatch):
   monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
-  cfg = load_config("configs/qwen3_8b.py")
+  shared = load_config("configs/qwen3_8b.py")  # the paper configs time-share the GPU with SGLang
+  cfg = load_config("configs/qwen3_8b.py", {"rollout.sglang_sleep": False})
   gpu = plan.TARGETS["h100x8"]
   assert plan.jax_memory_fraction(cfg, gpu)[0] == plan.SGLANG_JAX_MEM_FRACTION == 0.55
+  assert plan.jax_gpu_env(cfg) == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.55"}
   assert plan.jax_memory_fraction(load_config("configs/tiny.py"), gpu)[0] == 0.75  # jax engine: JAX's default
+  assert plan.jax_gpu_env(load_config("configs/tiny.py")) == {}
   assert plan.jax_memory_fraction(cfg, plan.TARGETS["cpu"])[0] == 1.0
+  # Time-shared: no pool; JAX has all but its own outside memory and what the sleeping server keeps.
+  total = gpu.device_memory_bytes()
+  share = plan.jax_memory_fraction(shared, gpu)[0]
+  assert share * total == pytest.approx(
+      total - sglang_memory.JAX_OUTSIDE_POOL_BYTES - sglang_memory.sleep_reserve_bytes())
+  assert plan.jax_gpu_env(shared) == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+                                     "XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.4")
   assert plan.jax_memory_fraction(cfg, gpu)[0] == 0.4
+  assert plan.jax_memory_fraction(shared, gpu)[0] == share  # no pool for the fraction to size
   assert gpu.device_memory_bytes() == 84942979072  # from the XLA spec file
   assert plan.TARGETS["h20x8"].device_memory_bytes() == 95 * 2**30
 
@@ -328,13 +340,20 @@ def test_cli_analytic_extrapolated_and_bad_inputs(tmp_path):
 
 
 def test_cli_analytic_on_a_gpu_target_needs_no_plugin(tmp_path, monkeypatch):
-  """The paper's 8B config on 8 × H100, analytically (no CUDA plugin in this venv): every program fits JAX's 43.5 GiB,
-  the teacher micro-batch's accumulate is the peak; but SGLang's KV pool beside it (every other byte, sized by
-  `sglang_memory`) cannot hold the step's 256 rollouts of 2,048 + 8,192 tokens: exit 1, and no split of an H100
-  would. On an H200 JAX's default 55% leaves SGLang just short; the share the planner names holds both."""
+  """The paper's 8B config on 8 × H100, analytically (no CUDA plugin in this venv), beside SGLang at a fixed share
+  (rollout.sglang_sleep=false): every program fits JAX's 43.5 GiB, the teacher micro-batch's accumulate is the peak;
+  but SGLang's KV pool beside it (every other byte, sized by `sglang_memory`) cannot hold the step's 256 rollouts of
+  2,048 + 8,192 tokens: exit 1, and no split of an H100 would. On an H200 JAX's 55% leaves SGLang just short; the
+  share the planner names holds both. Time-shared (the config's default) the H100 holds both: exit 0."""
   monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
   out = tmp_path / "plan.json"
   proc = run_plan("--config=configs/qwen3_8b.py", "--target=h100x8", "--analytic", f"--json={out}")
+  assert proc.returncode == plan.EXIT_FITS, proc.stderr[-3000:]
+  res = json.loads(out.read_text())
+  assert res["sglang"]["sleep"] and res["sglang"]["kv_tokens"] >= res["sglang"]["need_tokens"]
+  assert res["budget"] > 70 * 2**30 and "--enable-memory-saver" in proc.stdout and "time-shared" in proc.stdout
+  fixed = "--config.rollout.sglang_sleep=false"
+  proc = run_plan("--config=configs/qwen3_8b.py", "--target=h100x8", "--analytic", f"--json={out}", fixed)
   assert proc.returncode == plan.EXIT_DOES_NOT_FIT, proc.stderr[-3000:]
   res = json.loads(out.read_text())
   programs = {p["name"]: p for p in res["programs"]}
@@ -345,11 +364,11 @@ def test_cli_analytic_on_a_gpu_target_needs_no_plugin(tmp_path, monkeypatch):
   assert not sg["fits"] and 0 < sg["kv_tokens"] < sg["need_tokens"] == 32 * 8 // 8 * (2048 + 8192)
   assert "SGLang's KV pool on h100x8" in proc.stderr and "No split of this GPU holds both" in proc.stderr
   assert "--dp-size 8" in proc.stdout and "refit: projected" in proc.stdout
-  proc = run_plan("--config=configs/qwen3_8b.py", "--target=h200x8", "--analytic")
+  proc = run_plan("--config=configs/qwen3_8b.py", "--target=h200x8", "--analytic", fixed)
   assert proc.returncode == plan.EXIT_DOES_NOT_FIT
   share = re.search(r"Would fit: XLA_PYTHON_CLIENT_MEM_FRACTION=([0-9.]+)", proc.stderr).group(1)
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", share)
-  proc = run_plan("--config=configs/qwen3_8b.py", "--target=h200x8", "--analytic")
+  proc = run_plan("--config=configs/qwen3_8b.py", "--target=h200x8", "--analytic", fixed)
   assert proc.returncode == plan.EXIT_FITS, proc.stderr[-3000:]
   monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION")
   # Without micro-batches (the whole 256-rollout mini-batch in one forward) it does not, and says what would.
