@@ -4,8 +4,9 @@ bandwidth, for Qwen3-0.6B and Qwen3-8B shapes with random fp32 weights exported 
 Measured side by side in one run:
 - copy: `np.copyto` of a 1 GiB array (bytes copied per second): the ceiling of any export that must at least copy.
 - export: bf16 bytes written per second by `save_pretrained` (cast + HF layout on the devices, shards in parallel)
-  into a RAM-backed directory (/dev/shm when it exists, as the trainer's exports); median of `--runs` after a warm-up
-  export (which compiles the layout programs).
+  into a RAM-backed directory (/dev/shm when it exists, as the trainer's exports), into a new directory and in place
+  over the previous export (what a refit does once the engine recycles its oldest export); median of `--runs` after
+  a warm-up export (which compiles the layout programs).
 - host: the previous export (numpy cast and transpose on the host, shards one after another) on the same model.
 
 Qwen3-8B is 16.4 GB in bf16 (32.8 GB of fp32 parameters): more than this machine's RAM beside the other jobs. It is
@@ -98,9 +99,11 @@ def host_export(model: Qwen3, path: str, dtype: str = "bfloat16") -> None:
     save_file(tensors, os.path.join(path, f"model-{si + 1:05d}.safetensors"), metadata={"format": "pt"})
 
 
-def timed(fn, runs: int) -> float:
+def timed(fn, runs: int, setup=None) -> float:
   times = []
   for _ in range(runs):
+    if setup is not None:
+      setup()
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
@@ -112,12 +115,13 @@ def bench_model(label: str, cfg: Qwen3Config, out_root: str, runs: int, host: bo
   nbytes = sglang_memory.weight_bytes(cfg)
   path = os.path.join(out_root, "export")
 
-  def export():
-    hf_io.save_pretrained(model, path, dtype="bfloat16")
+  def export(in_place: bool):
+    return lambda: hf_io.save_pretrained(model, path, dtype="bfloat16", in_place=in_place)
 
-  export()  # warm-up: compiles the layout programs
-  t = timed(export, runs)
-  row = dict(label=label, layers=cfg.num_hidden_layers, vocab=cfg.vocab_size, bytes=nbytes, export_s=t)
+  export(False)()  # warm-up: compiles the layout programs
+  row = dict(label=label, layers=cfg.num_hidden_layers, vocab=cfg.vocab_size, bytes=nbytes,
+             export_s=timed(export(False), runs),  # a new directory, renamed into place
+             reuse_s=timed(export(True), runs))  # over the previous export's files: the engine's recycled oldest
   # The host's part alone: the laid-out bf16 arrays (on a GPU node the cast and transpose take milliseconds of HBM
   # time) copied to the host and written, shards in parallel, as save_pretrained does.
   with open(os.path.join(path, hf_io.INDEX_FILE)) as f:
@@ -133,8 +137,14 @@ def bench_model(label: str, cfg: Qwen3Config, out_root: str, runs: int, host: bo
   def write_all():
     hf_io.write_files(files, np.dtype(jax.numpy.bfloat16), {"format": "pt"})
 
+  def remove_files():
+    for f in files:
+      if os.path.exists(f):
+        os.remove(f)
+
   write_all()
-  row["write_s"] = timed(write_all, runs)
+  row["write_s"] = timed(write_all, runs, setup=remove_files)  # into new files
+  row["write_reuse_s"] = timed(write_all, runs)  # over the same files (pages allocated)
   del laid
   shutil.rmtree(hpath, ignore_errors=True)
   if host:
@@ -166,24 +176,26 @@ def main() -> None:
         f"{'/dev/shm' if os.path.isdir('/dev/shm') else tempfile.gettempdir()}")
   print(f"memory copy (np.copyto, 1 GiB): {copy / GB:.2f} GB/s; one 1 GiB write into a new file there: "
         f"{file_write / GB:.2f} GB/s ({file_write / copy:.2f} of the copy)")
-  print("export: save_pretrained here (this CPU is the device: XLA's cast and transpose run on these cores); "
-        "write: its host part alone (laid-out arrays to the host and into the files, tensors in parallel); host: the "
-        "previous numpy export")
-  print(f"{'model':<44}{'bf16 GB':>8}{'export s':>9}{'GB/s':>6}{'/copy':>6}{'write s':>8}{'GB/s':>6}{'/copy':>6}"
-        f"{'host s':>7}{'speedup':>8}")
+  print("export: save_pretrained here (this CPU is the device: XLA's cast and transpose run on these cores), into "
+        "a new directory / in place over the previous export (the engine recycles its oldest); write: its host part "
+        "alone (laid-out arrays to the host and into the files, tensors in parallel), new files / in place; host: "
+        "the previous numpy export")
+  print(f"{'model':<44}{'bf16 GB':>8}{'export s':>9}{'in place':>9}{'GB/s':>6}{'/copy':>6}{'write s':>8}"
+        f"{'in place':>9}{'GB/s':>6}{'/copy':>6}{'host s':>7}{'speedup':>8}")
   for r in rows:
-    rate, wrate = r["bytes"] / r["export_s"], r["bytes"] / r["write_s"]
-    print(f"{r['label']:<44}{r['bytes'] / GB:>8.3f}{r['export_s']:>9.2f}{rate / GB:>6.2f}{rate / copy:>6.2f}"
-          f"{r['write_s']:>8.2f}{wrate / GB:>6.2f}{wrate / copy:>6.2f}{r['host_s']:>7.2f}"
-          f"{r['host_s'] / r['export_s']:>8.1f}")
+    rate, wrate = r["bytes"] / r["reuse_s"], r["bytes"] / r["write_reuse_s"]
+    print(f"{r['label']:<44}{r['bytes'] / GB:>8.3f}{r['export_s']:>9.2f}{r['reuse_s']:>9.2f}{rate / GB:>6.2f}"
+          f"{rate / copy:>6.2f}{r['write_s']:>8.2f}{r['write_reuse_s']:>9.2f}{wrate / GB:>6.2f}{wrate / copy:>6.2f}"
+          f"{r['host_s']:>7.2f}{r['host_s'] / r['reuse_s']:>8.1f}")
   full = sglang_memory.weight_bytes(Qwen3Config.preset("8b"))
-  rate8, wrate8 = rows[1]["bytes"] / rows[1]["export_s"], rows[1]["bytes"] / rows[1]["write_s"]
-  print(f"Qwen3-8B full ({full / GB:.1f} GB bf16) projected here: export {full / rate8:.1f} s at {rate8 / GB:.2f} GB/s, "
-        f"host part {full / wrate8:.1f} s at {wrate8 / GB:.2f} GB/s")
+  rate8, wrate8 = rows[1]["bytes"] / rows[1]["reuse_s"], rows[1]["bytes"] / rows[1]["write_reuse_s"]
+  print(f"Qwen3-8B full ({full / GB:.1f} GB bf16) projected here, in place: export {full / rate8:.1f} s at "
+        f"{rate8 / GB:.2f} GB/s, host part {full / wrate8:.1f} s at {wrate8 / GB:.2f} GB/s")
   print(f"projected 8B refit on a node: {sglang_memory.projected_refit_s(full, wrate8):.1f} s (the host part at "
         f"this machine's measured rate, a floor for a node's host; reload at an assumed "
         f"{sglang_memory.LOAD_BYTES_PER_S / 1e9:.0f} GB/s host-to-device per GPU)")
-  print(f"8B export / copy bandwidth: {rate8 / copy:.2f} end to end on this CPU, {wrate8 / copy:.2f} for the host part")
+  print(f"8B export / copy bandwidth: {rate8 / copy:.2f} end to end on this CPU, {wrate8 / copy:.2f} for the host part "
+        f"(in place)")
 
 
 if __name__ == "__main__":

@@ -234,7 +234,8 @@ def _process_engine(cfg: Config, graphdef, params, tokenizer, mesh, version: int
   from srpo_jax.rollout.sglang_engine import SGLangEngine, ram_exports_dir
 
   def export_fn(p, out_dir):  # SGLang reads bf16 HF weights; the trainer keeps its own (fp32) master copy
-    hf_io.save_pretrained(nnx.merge(graphdef, p), out_dir, tokenizer=tokenizer, dtype="bfloat16")
+    # In place: out_dir is the engine's recycled oldest export (or a new, empty directory).
+    hf_io.save_pretrained(nnx.merge(graphdef, p), out_dir, tokenizer=tokenizer, dtype="bfloat16", in_place=True)
 
   # Each process's server reads its own exports (a node's local server; one directory per process on a shared disk).
   weights_dir = cfg.run_dir if not distributed.multi_process() else os.path.join(

@@ -130,10 +130,12 @@ def test_sharded_index_checkpoint_loads(pair, tmp_path):
 
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_export_files_are_the_host_conversions_bytes(pair, tmp_path, dtype):
+@pytest.mark.parametrize("dtype,in_place", [("bfloat16", False), ("float32", False), ("bfloat16", True)])
+def test_export_files_are_the_host_conversions_bytes(pair, tmp_path, dtype, in_place):
   """The device-side cast and layout (hf_io._hf_layout) and the parallel shard writes give the very files of the
-  host conversion (numpy astype, then the HF transpose), byte for byte, values chosen to round both ways."""
+  host conversion (numpy astype, then the HF transpose), byte for byte, values chosen to round both ways. In place
+  (a refit over the engine's recycled oldest export): the same bytes in the same files (same inodes: their pages
+  reused), over an export of other values, and a stale shard of another layout removed."""
   from safetensors.numpy import save_file
   _, ours, _ = pair
   from flax import nnx
@@ -143,10 +145,18 @@ def test_export_files_are_the_host_conversions_bytes(pair, tmp_path, dtype):
   state = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape).astype(np.float32) + np.float32(2.0**-9),
                                              x.dtype), state)
   model = nnx.merge(graphdef, state)
-  out = hf_io.save_pretrained(model, tmp_path / "export", dtype=dtype, max_shard_bytes=30_000)
+  inodes = {}
+  if in_place:
+    before = hf_io.save_pretrained(ours, tmp_path / "export", dtype=dtype, max_shard_bytes=30_000)
+    inodes = {f: os.stat(os.path.join(before, f)).st_ino for f in os.listdir(before) if f.endswith(".safetensors")}
+    open(os.path.join(before, "model-00099-of-00099.safetensors"), "wb").close()  # another layout's shard
+  out = hf_io.save_pretrained(model, tmp_path / "export", dtype=dtype, max_shard_bytes=30_000, in_place=in_place)
   index = json.load(open(os.path.join(out, hf_io.INDEX_FILE)))
   files = sorted(set(index["weight_map"].values()))
   assert len(files) > 2
+  assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == files
+  if in_place:
+    assert sorted(inodes) == files and all(os.stat(os.path.join(out, f)).st_ino == inodes[f] for f in files)
   dt = np.dtype(jnp.dtype(dtype))
   for fname in files:
     ref = {name: np.ascontiguousarray(hf_io._to_hf(kind, np.asarray(hf_io._variable(model, attr).get_value())

@@ -128,14 +128,17 @@ def test_generate_matches_fake_contract(tmp_path):
 def test_update_weights_flows_version_and_keeps_two_exports(tmp_path):
   sampling = SamplingParams(max_new_tokens=3)
   with _engine(tmp_path, export_fn=_export_marker) as eng:
+    inode = {}
     for v in (1, 2, 3):
       eng.update_weights({"version": v}, v)
       assert {c.weight_version for g in eng.generate([[1, 2]], sampling, n=2) for c in g} == {v}
       info = eng.get_model_info()
       assert info["weight_version"] == str(v)
       assert json.loads(pathlib.Path(info["model_path"], "marker.json").read_text()) == {"version": v}
+      inode[v] = os.stat(info["model_path"]).st_ino
     exports = sorted(p.name for p in (tmp_path / "run" / "weights").iterdir())
     assert exports == ["v00000002", "v00000003"]
+    assert inode[3] == inode[1] != inode[2]  # the oldest export was recycled (its files overwritten in place)
 
 
 def test_update_weights_without_export_fn_is_an_error(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import glob
 import json
 import os
 import shutil
@@ -290,13 +291,18 @@ def export_workers(num_tensors: int) -> int:
 def write_files(files: dict[str, list[tuple[str, tuple[int, ...], Any]]], dtype, metadata: dict[str, str]) -> None:
   """Safetensors files {path: [(tensor name, shape, fetch)]}, every tensor written at its offset by a pool of
   `export_workers` threads (`fetch()` gives the host array: a device copy, started when a worker takes it), so the
-  copies and writes of all files overlap and no file waits for another."""
+  copies and writes of all files overlap and no file waits for another.
+
+  An existing file is overwritten in place, cut or grown to its new size (not truncated to 0 first): on tmpfs its
+  pages stay allocated, and writing into them is twice as fast as into new ones (BUILD_NOTES.md, "Refit export")."""
   jobs, fds = [], []
+  itemsize = np.dtype(dtype).itemsize
   try:
     for path, entries in files.items():
       header, offsets = safetensors_header([(n, shape) for n, shape, _ in entries], dtype, metadata)
-      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
       fds.append(fd)
+      os.ftruncate(fd, max(offsets[n] + int(np.prod(shape, dtype=np.int64)) * itemsize for n, shape, _ in entries))
       os.write(fd, header)
       jobs += [(fd, offsets[name], shape, fetch) for name, shape, fetch in entries]
 
@@ -321,12 +327,17 @@ def write_files(files: dict[str, list[tuple[str, tuple[int, ...], Any]]], dtype,
 
 
 def save_pretrained(model: Qwen3, path: str | os.PathLike, tokenizer=None, *, dtype: str | None = None,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, in_place: bool = False) -> str:
   """Writes `model` as an HF directory (config.json, sharded safetensors + index, tokenizer files if given).
 
   Each tensor is cast and transposed on its devices (`_hf_layout`, jitted), then copied to the host and written at
   its offset in its shard by a pool of threads (`write_files`): a refit's export runs at memory speed, not at a host
   transpose's.
+
+  By default the directory is written beside `path` and renamed into place (a reader never sees half of it). With
+  `in_place`, an existing `path` (an earlier export the caller recycles, e.g. `SGLangEngine`'s oldest, renamed to a
+  directory no reader knows) is overwritten file by file, its shard files' pages reused; shards it has beyond this
+  model's are removed.
   """
   cfg = model.config
   get = lambda attr_path: _variable(model, attr_path).get_value()
@@ -346,7 +357,8 @@ def save_pretrained(model: Qwen3, path: str | os.PathLike, tokenizer=None, *, dt
 
   parent = os.path.dirname(path) or "."
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=EXPORT_TMP_PREFIXES[0], dir=parent)
+  in_place = in_place and os.path.isdir(path)
+  tmp = path if in_place else tempfile.mkdtemp(prefix=EXPORT_TMP_PREFIXES[0], dir=parent)
   try:
     weight_map, total = {}, 0
     fnames = [f"model-{si + 1:05d}-of-{len(shards):05d}.safetensors" for si in range(len(shards))]
@@ -355,6 +367,8 @@ def save_pretrained(model: Qwen3, path: str | os.PathLike, tokenizer=None, *, dt
         weight_map[hf_name] = fname
         total += int(np.prod(get(attr_path).shape)) * out_dtype.itemsize
 
+    for stale in set(glob.glob(os.path.join(tmp, "*.safetensors"))) - {os.path.join(tmp, f) for f in fnames}:
+      os.remove(stale)  # an in-place export over a directory of another shard layout
     files = {os.path.join(tmp, fname): [(hf_name, _hf_shape(kind, get(attr_path).shape, cfg),
                                          lambda a=attr_path, k=kind: jax.device_get(_hf_layout(get(a), k, out_dtype)))
                                         for attr_path, hf_name, kind in shard]
@@ -375,14 +389,14 @@ def save_pretrained(model: Qwen3, path: str | os.PathLike, tokenizer=None, *, dt
                  "pad_token_id": cfg.bos_token_id}, f, indent=2)
     if tokenizer is not None:
       tokenizer.save_pretrained(tmp)
-    if os.path.exists(path):
+    if not in_place and os.path.exists(path):
       old = tempfile.mkdtemp(prefix=EXPORT_TMP_PREFIXES[1], dir=parent)
       os.rename(path, os.path.join(old, "x"))
       os.rename(tmp, path)
       shutil.rmtree(old, ignore_errors=True)
-    else:
+    elif not in_place:
       os.rename(tmp, path)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # in place too: a half-overwritten export is no export
     raise
   return path

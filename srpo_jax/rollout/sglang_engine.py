@@ -798,13 +798,21 @@ class SGLangEngine(RolloutEngine):
   # ----- exported weights ---------------------------------------------------------------------------------------------
 
   def _export(self, params: Any, version: int) -> pathlib.Path:
-    """Writes the checkpoint into a temporary dir, then renames it, so the server never reads a half-written one."""
+    """Writes the checkpoint into a temporary dir, then renames it, so the server never reads a half-written one.
+
+    Once `keep_exports` exports exist, the oldest one (not the served one) becomes that temporary dir: `export_fn`
+    finds the previous files there and may overwrite them in place (`hf_io.save_pretrained(in_place=True)`)."""
     out_dir = self.exports_dir / f"v{version:08d}"
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
     for d in (tmp_dir, out_dir):
       if d.exists():
         shutil.rmtree(d)
-    tmp_dir.mkdir(parents=True)
+    oldest = self._exports[0] if len(self._exports) >= self.keep_exports else None
+    if oldest is not None and str(oldest) != self.model_path and oldest.is_dir():
+      os.replace(oldest, tmp_dir)  # the server loaded a newer export since: nobody reads this one
+      self._exports.pop(0)
+    else:
+      tmp_dir.mkdir(parents=True)
     self.export_fn(params, str(tmp_dir))
     os.replace(tmp_dir, out_dir)
     if out_dir in self._exports:
