@@ -15,6 +15,7 @@ import concurrent.futures
 import functools
 import glob
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -289,31 +290,48 @@ def export_workers(num_tensors: int) -> int:
 
 
 def write_files(files: dict[str, list[tuple[str, tuple[int, ...], Any]]], dtype, metadata: dict[str, str]) -> None:
-  """Safetensors files {path: [(tensor name, shape, fetch)]}, every tensor written at its offset by a pool of
+  """Safetensors files {path: [(tensor name, shape, fetch)]}, every tensor copied to its offset by a pool of
   `export_workers` threads (`fetch()` gives the host array: a device copy, started when a worker takes it), so the
   copies and writes of all files overlap and no file waits for another.
 
-  An existing file is overwritten in place, cut or grown to its new size (not truncated to 0 first): on tmpfs its
-  pages stay allocated, and writing into them is twice as fast as into new ones (BUILD_NOTES.md, "Refit export")."""
-  jobs, fds = [], []
+  An existing file is overwritten in place, cut or grown to its new size (not truncated to 0 first), so its pages
+  stay allocated (a refit over the engine's recycled oldest export), and it is mapped (MAP_POPULATE: its page table
+  filled in one call) and the tensors copied into the mapping: on tmpfs 0.4–0.5 of a memory copy where a pwrite per
+  tensor ran at 0.35 and writing new pages at 0.2 (BUILD_NOTES.md, "Refit export"). A new file is written with one
+  pwrite per tensor (mapping it would fault in and clear each page first)."""
+  jobs, maps, fds = [], [], []
   itemsize = np.dtype(dtype).itemsize
+  flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
   try:
     for path, entries in files.items():
       header, offsets = safetensors_header([(n, shape) for n, shape, _ in entries], dtype, metadata)
-      fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+      size = max(offsets[n] + int(np.prod(shape, dtype=np.int64)) * itemsize for n, shape, _ in entries)
+      existed = os.path.exists(path)
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
       fds.append(fd)
-      os.ftruncate(fd, max(offsets[n] + int(np.prod(shape, dtype=np.int64)) * itemsize for n, shape, _ in entries))
-      os.write(fd, header)
-      jobs += [(fd, offsets[name], shape, fetch) for name, shape, fetch in entries]
+      os.ftruncate(fd, size)
+      os.pwrite(fd, header, 0)
+      out = fd
+      if existed:
+        out = mmap.mmap(fd, size, flags=flags)
+        maps.append(out)
+      jobs += [(out, offsets[name], shape, fetch) for name, shape, fetch in entries]
 
     def write(job) -> None:
-      fd, pos, shape, fetch = job
+      out, pos, shape, fetch = job
       a = np.ascontiguousarray(fetch())
       if a.shape != tuple(shape) or a.dtype != np.dtype(dtype):
         raise AssertionError(f"export: got {a.dtype}{a.shape}, planned {np.dtype(dtype)}{tuple(shape)}")
+      if isinstance(out, mmap.mmap):
+        dst = np.frombuffer(out, np.uint8, count=a.nbytes, offset=pos)
+        try:
+          np.copyto(dst, a.reshape(-1).view(np.uint8))  # releases the GIL: the workers copy in parallel
+        finally:
+          del dst  # a live view would keep the mapping from closing
+        return
       view = memoryview(a.reshape(-1).view(np.uint8))
       while view:  # one pwrite moves at most ~2 GiB on Linux
-        n = os.pwrite(fd, view, pos)
+        n = os.pwrite(out, view, pos)
         view, pos = view[n:], pos + n
 
     # Largest first: the long copies start early and the small ones fill in at the end.
@@ -322,6 +340,9 @@ def write_files(files: dict[str, list[tuple[str, tuple[int, ...], Any]]], dtype,
       for fut in [pool.submit(write, job) for job in jobs]:
         fut.result()
   finally:
+    jobs.clear()
+    for m in maps:
+      m.close()
     for fd in fds:
       os.close(fd)
 

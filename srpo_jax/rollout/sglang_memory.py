@@ -261,9 +261,10 @@ def owned_server_args(user_args: Sequence[str], memory: SGLangMemory) -> list[st
 # Refit: export + SGLang's reload
 # ---------------------------------------------------------------------------------------------------------------------
 # bf16 bytes per second of the host's part of `hf_io.save_pretrained` (laid-out arrays to the host, shards written in
-# parallel into /dev/shm) for Qwen3-8B's shapes, measured by bench/refit.py on this project's shared 2-core CPU machine
-# (BUILD_NOTES.md, "Refit export"): a floor for a node's host; its GPUs cast and transpose at HBM speed.
-MEASURED_EXPORT_BYTES_PER_S = 2.1e9
+# parallel into /dev/shm, in place over the engine's recycled oldest export, as every refit from the third on) for
+# Qwen3-8B's shapes, measured by bench/refit.py on this project's 2-core CPU machine (BUILD_NOTES.md, "Refit export"):
+# a floor for a node's host; its GPUs cast and transpose at HBM speed.
+MEASURED_EXPORT_BYTES_PER_S = 8.7e9
 # SGLang reloads the export from /dev/shm on every data-parallel rank at once: a host-to-device copy per GPU, PCIe
 # Gen4 x16 at ~25 GB/s (an assumption: not measured here).
 LOAD_BYTES_PER_S = 25e9
