@@ -264,8 +264,9 @@ def owned_sglang_args(cfg: Config, devices) -> list[str]:
 
   Beside JAX's preallocated share, the GPU's memory is JAX's pool (`bytes_limit`) over the share `srpo_jax.run` set
   (XLA_PYTHON_CLIENT_MEM_FRACTION); time-shared (rollout.sglang_sleep: no pool) it is what nvidia-smi reports, and
-  JAX keeps its parameters there while the server generates (their bytes per GPU as the planner counts them). Raises when SGLang could not even start; warns when its KV pool
-  holds fewer tokens than the step's rollouts (they then run in waves: `python -m srpo_jax.plan`)."""
+  JAX keeps its parameters there while the server generates (their bytes per GPU as the planner counts them).
+  Raises when SGLang could not even start; warns when its KV pool holds fewer tokens than the step's rollouts (they
+  then run in waves: `python -m srpo_jax.plan`)."""
   args = list(cfg.rollout.sglang_args)
   if not devices or devices[0].platform != "gpu":
     return args
@@ -288,8 +289,9 @@ def owned_sglang_args(cfg: Config, devices) -> list[str]:
   mem = sglang_memory.for_config(cfg, q, device_memory=total, jax_fraction=fraction, gpus=len(devices),
                                  nodes=jax.process_count(), jax_state=jax_state)
   if not mem.starts:
-    raise RuntimeError(f"SGLang cannot start beside JAX: {mem.summary()}. Lower XLA_PYTHON_CLIENT_MEM_FRACTION "
-                       f"(JAX's share, now {fraction}) or use a smaller model")
+    fix = ("shard the server's weights (--tp-size in rollout.sglang_args)" if mem.sleep else
+           f"lower XLA_PYTHON_CLIENT_MEM_FRACTION (JAX's share, now {fraction})")
+    raise RuntimeError(f"SGLang cannot start beside JAX: {mem.summary()}. Use a smaller model or {fix}")
   if not mem.fits and mem.sleep:
     log.warning("%s: the step's rollouts run in waves (python -m srpo_jax.plan)", mem.summary())
   elif not mem.fits:
