@@ -162,7 +162,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     elif self.path == "/get_server_info":
       self._send(200, {"device": st.args.device, "enable_memory_saver": st.args.enable_memory_saver,
                        "dp_size": st.args.dp_size, "weight_version": st.weight_version})
-    elif self.path == "/flush_cache":
+    elif self.path.split("?")[0] == "/flush_cache":
       self._send(200, b"Cache flushed.\n")
     else:
       self._send(404, {"detail": "Not Found"})
@@ -198,7 +198,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
       if body.get("weight_version") is not None and not st.args.fake_ignore_version_updates:
         st.weight_version = str(body["weight_version"])
       self._send(200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0})
-    elif self.path == "/flush_cache":
+    elif self.path.split("?")[0] == "/flush_cache":
       self._send(200, b"Cache flushed.\n")
     else:
       self._send(404, {"detail": "Not Found"})

@@ -495,7 +495,7 @@ class SGLangEngine(RolloutEngine):
       if status == 400 and isinstance(reply, Mapping) and "cache was not flushed" in str(reply.get("message")):
         # SGLang 0.5.23 loaded the weights and took the version, but requests were still running (an abandoned
         # client's, which it aborts within seconds): its prefix cache still holds old-weight KV. Flush once idle.
-        self._flush_cache_when_idle(url, version)
+        self._flush_when_idle(url, f"update_weights(version={version}): {url} loaded the weights but")
       elif status != 200 or not (isinstance(reply, Mapping) and reply.get("success")):
         raise SGLangError(f"update_weights(version={version}): {self.url}/update_weights_from_disk answered "
                           f"HTTP {status}: {str(reply)[:500]}")
@@ -521,6 +521,8 @@ class SGLangEngine(RolloutEngine):
                           f"without --enable-memory-saver, so releasing its memory frees nothing; launch it with "
                           f"--enable-memory-saver (launch/sglang_server.sh SLEEP=1) or set rollout.sglang_sleep=false")
       self._saver_checked = True
+    # SGLang releases only an idle server (an abandoned request of a retried deadline may still run): wait for it.
+    self._flush_when_idle(self.url, f"sleep: {self.url}")
     self._occupation("/release_memory_occupation", None if len(awake) == len(GPU_MEMORY_TAGS) else awake)
     self._released = set(GPU_MEMORY_TAGS)
 
@@ -550,7 +552,7 @@ class SGLangEngine(RolloutEngine):
       raise SGLangError(f"{self.url}/get_server_info answered HTTP {status}: {str(reply)[:300]}")
     return dict(reply)
 
-  def _flush_cache_when_idle(self, url: str, version: int) -> None:
+  def _flush_when_idle(self, url: str, what: str) -> None:
     """`/flush_cache?timeout=` waits (up to health_timeout_s) for the running requests to end, then flushes."""
     wait_s = self.health_timeout_s
     try:
@@ -558,8 +560,8 @@ class SGLangEngine(RolloutEngine):
     except _Retryable as e:
       status, reply = None, e
     if status != 200:
-      raise SGLangError(f"update_weights(version={version}): {url} loaded the weights but could not flush its "
-                        f"prefix cache (requests still running after health_timeout_s={wait_s:g}): {str(reply)[:300]}")
+      raise SGLangError(f"{what} could not flush its prefix cache (requests still running after "
+                        f"health_timeout_s={wait_s:g}): {str(reply)[:300]}")
 
   def ensure_weights(self, params: Any, version: int) -> None:
     """Before a run's first rollout: the server holds exactly `params` as `version`, as `/get_model_info` confirms.
