@@ -343,7 +343,8 @@ def test_runs_under_two_device_mesh_like_without():
   import os
   import subprocess
   import sys
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
+         "JAX_PLATFORMS": "cpu"}
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   proc = subprocess.run([sys.executable, "-c", _MESH_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
                         timeout=300)

@@ -24,7 +24,8 @@ def test_two_process_forward_matches_single_process():
 def test_trainer_runs_on_a_two_device_fsdp_mesh(tmp_path):
   """`main` builds the mesh from config when there is more than one device; one SRPO step on 2 CPU devices."""
   import json
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
   args = ["--config=configs/tiny.py", f"--config.run_dir={tmp_path}", "--config.train.steps=1",
           "--config.train.warmstart_steps=0", "--config.rollout.prompts_per_step=2", "--config.rollout.n=4",
           "--config.rollout.max_new_tokens=4", "--config.eval.n_samples=2", "--config.eval.max_questions=2",

@@ -34,7 +34,8 @@ KILL_BOUND_S = 30  # lost-peer detection (~2 s of stamps) well inside jax.distri
 
 def _env(devices: int) -> dict:
   return {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu",
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "HF_HUB_OFFLINE": "1"}
+          "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}",
+          "HF_HUB_OFFLINE": "1"}
 
 
 def wrote(out: str) -> set:

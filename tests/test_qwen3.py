@@ -248,7 +248,7 @@ def test_load_with_mesh_places_each_tensor_sharded(tmp_path):
   tiny_hf_qwen3(tied=False).save_pretrained(tmp_path)
   code = f"""
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 import jax, numpy as np, srpo_jax
 from jax.sharding import PartitionSpec as P
 from srpo_jax.sharding import make_mesh

@@ -1,5 +1,5 @@
 """The update on 8 forced CPU devices: its compiled batch input is split over ("data", "fsdp"), and the step on meshes
-(data, fsdp, tensor) = (8,1,1), (1,8,1), (2,2,2), (1,4,2) equals the 1-device step (loss and updated parameters),
+(data, fsdp, tensor) = (8,1,1), (1,8,1), (2,2,2) equals the 1-device step (loss and updated parameters),
 on sharpened models where that comparison can see the DW weights and the SDPO term (the negative cases)."""
 import json
 import os
@@ -25,7 +25,7 @@ def test_sharded_update_equals_single_device():
     assert abs(r["loss"] - ref) > 100 * 1e-5 * abs(ref) and r["rel_update_diff"] > 100 * 1e-5, (case, r)
   dropped = broken["sdpo_term_dropped"]["loss"]
   assert abs(ref - dropped) / (abs(dropped) + abs(ref - dropped)) > 0.01
-  assert set(res) == {"(8, 1, 1)", "(1, 8, 1)", "(2, 2, 2)", "(1, 4, 2)"}
+  assert set(res) == {"(8, 1, 1)", "(1, 8, 1)", "(2, 2, 2)"}
   for mesh, r in res.items():
     assert abs(r["loss"] - ref) <= 1e-5 * abs(ref), (mesh, r["loss"], ref)
     # The parameter update (SGD, lr 1: the gradient) in the 2-norm over all parameters, as test_train_step's bound.
