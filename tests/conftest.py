@@ -18,12 +18,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-# XLA:CPU's LLVM at -O0, here and in every process the tests start (they add their device counts after it): the
-# suite compiles hundreds of tiny programs and runs them briefly, and -O0 cuts its compile time by ~30%. XLA's own
-# passes (fusion, layout, buffer assignment) are the same, so memory and FLOP assertions are unaffected; every
-# comparison of two results runs both under these flags.
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
