@@ -515,7 +515,7 @@ class SGLangEngine(RolloutEngine):
     if not awake:
       return
     if not self._saver_checked:
-      info = self._server_info()
+      info = self._get_info("/get_server_info")
       if not info.get("enable_memory_saver") and str(info.get("device", "cuda")) != "cpu":
         raise SGLangError(f"rollout.sglang_sleep: the server at {self.url} runs on {info.get('device', 'cuda')!r} "
                           f"without --enable-memory-saver, so releasing its memory frees nothing; launch it with "
@@ -545,12 +545,6 @@ class SGLangEngine(RolloutEngine):
                                   self.health_timeout_s)
     if status != 200:
       raise SGLangError(f"{self.url}{path} (tags {tags or 'all'}) answered HTTP {status}: {str(reply)[:300]}")
-
-  def _server_info(self) -> dict[str, Any]:
-    status, reply = self._request("GET", "/get_server_info", None, min(30.0, self.health_timeout_s))
-    if status != 200 or not isinstance(reply, Mapping):
-      raise SGLangError(f"{self.url}/get_server_info answered HTTP {status}: {str(reply)[:300]}")
-    return dict(reply)
 
   def _flush_when_idle(self, url: str, what: str) -> None:
     """`/flush_cache?timeout=` waits (up to health_timeout_s) for the running requests to end, then flushes."""
@@ -588,9 +582,13 @@ class SGLangEngine(RolloutEngine):
     self._stop.set()
 
   def get_model_info(self) -> dict[str, Any]:
-    status, reply = self._request("GET", "/get_model_info", None, min(30.0, self.health_timeout_s))
+    return self._get_info("/get_model_info")
+
+  def _get_info(self, path: str) -> dict[str, Any]:
+    """A JSON object the server describes itself with (`/get_model_info`, `/get_server_info`)."""
+    status, reply = self._request("GET", path, None, min(30.0, self.health_timeout_s))
     if status != 200 or not isinstance(reply, Mapping):
-      raise SGLangError(f"{self.url}/get_model_info answered HTTP {status}: {str(reply)[:300]}")
+      raise SGLangError(f"{self.url}{path} answered HTTP {status}: {str(reply)[:300]}")
     return dict(reply)
 
   def flush_cache(self) -> None:
